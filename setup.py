@@ -1,0 +1,30 @@
+"""Install vlm_train. The Hydra configs in conf/ ship inside the package as vlm_train.conf."""
+from setuptools import find_packages, setup
+
+setup(
+    name="vlm_train",
+    version="0.1.0",
+    description="Packed-sequence pretraining of vision-language models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vlm_train", "vlm_train.*"]) + ["vlm_train.conf"],
+    package_dir={"vlm_train.conf": "conf"},
+    package_data={"vlm_train.conf": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.15",
+        "webdataset>=0.2.100",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "wandb>=0.17",
+        "transformers>=4.45",
+        "tokenizers>=0.19",
+        "safetensors>=0.4",
+        "pillow>=10",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "dev": ["pytest>=7"],
+        "gpu": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["vlm-train=vlm_train.train.main:main"]},
+)

@@ -1,0 +1,1 @@
+"""vlm_train: packed-sequence pretraining of vision-language models."""

@@ -1,0 +1,51 @@
+"""PackedBatch: the contract between the data pipeline and the model (see shared/DESIGN.md)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class PackedBatch:
+    """One pack: S samples and N images laid out flat, with boundary indices and no padding."""
+
+    input_ids: torch.Tensor  # int64 [T]
+    labels: torch.Tensor  # int64 [T], shifted within each sample, IGNORE_INDEX where no loss
+    position_ids: torch.Tensor  # int64 [3, T] (M-RoPE rows t, h, w); restart at 0 for every sample
+    cu_seqlens: torch.Tensor  # int32 [S+1]
+    max_seqlen: int
+    sample_index: torch.Tensor  # int64 [T]: which sample of the pack each token belongs to
+    pixel_values: torch.Tensor  # float32 [P, C*t*p*p], patches of all images in merge order
+    image_grid_thw: torch.Tensor  # int64 [N, 3]: frames, patch rows, patch columns
+    vit_cu_seqlens: torch.Tensor  # int32 [N+1]
+    vit_max_seqlen: int
+    meta: list[dict[str, Any]] = field(default_factory=list)  # per sample: key, source, task, ...
+    skipped: dict[str, int] = field(default_factory=dict)  # samples skipped since the previous pack, by reason
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.cu_seqlens.numel() - 1)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_grid_thw.shape[0])
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        """A copy with every tensor moved to `device`."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=non_blocking) if torch.is_tensor(value) else value
+        return PackedBatch(**moved)

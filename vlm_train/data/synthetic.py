@@ -1,0 +1,228 @@
+"""A built-in synthetic dataset: coloured shapes on light backgrounds, captioned and grounded.
+
+It is written as real webdataset tar shards once, into a cache folder keyed by a hash of the
+config, so `vlm-train` with no arguments exercises the same loader path as real data.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import io
+import itertools
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import webdataset as wds
+from PIL import Image, ImageDraw
+
+from vlm_train.data.formats import CAPTION_PROMPT, GROUNDING_PROMPT
+from vlm_train.data.grounding import format_box, format_point, to_relative
+
+log = logging.getLogger(__name__)
+
+# Bump whenever the rendering or the shard layout changes, so stale caches are not reused.
+FORMAT_VERSION = 1
+MARKER = "COMPLETE.json"
+MIN_OBJECT_PX = 20  # smallest object side; still spans two 14-px patches in each direction
+MIN_SLOT_PX = 28  # narrowest horizontal slot one object may get
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (235, 200, 0),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 0),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+
+
+
+@dataclass
+class SyntheticConfig:
+    num_train_images: int = 4000
+    num_heldout_images: int = 200
+    min_side: int = 56
+    max_side: int = 168
+    max_objects: int = 2
+    images_per_shard: int = 1000
+    seed: int = 0
+    cache_dir: str = ""  # empty: $VLM_TRAIN_CACHE, else ~/.cache/vlm_train
+
+
+@dataclass
+class SyntheticShards:
+    dir: str
+    train_urls: list[str]
+    heldout_urls: list[str]
+
+
+def render_scene(rng: random.Random, cfg: Any) -> tuple[Image.Image, list[dict[str, Any]]]:
+    """Draw one image of 1..max_objects distinct shapes, one per equal-width slot; objects sorted left to right."""
+    width = rng.randint(cfg.min_side, cfg.max_side)
+    height = rng.randint(cfg.min_side, cfg.max_side)
+    base = rng.randint(225, 250)
+    background = tuple(min(255, base + rng.randint(-5, 5)) for _ in range(3))
+    image = Image.new("RGB", (width, height), background)
+    draw = ImageDraw.Draw(image)
+
+    n = rng.randint(1, max(1, min(cfg.max_objects, width // MIN_SLOT_PX)))
+    kinds = rng.sample(list(itertools.product(COLOURS, SHAPES)), n)
+    slot_width = width / n
+    objects = []
+    for i, (colour, shape) in enumerate(kinds):
+        room = int(min(slot_width, height)) - 4  # leave >= 2 px on each side of the slot
+        side = min(room, max(MIN_OBJECT_PX, int(rng.uniform(0.4, 0.7) * min(slot_width, height))))
+        slot_x0 = int(round(i * slot_width))
+        slot_x1 = int(round((i + 1) * slot_width))
+        x = rng.randint(slot_x0 + 2, slot_x1 - 2 - side)
+        y = rng.randint(2, height - 2 - side)
+        _draw_shape(draw, shape, x, y, side, COLOURS[colour])
+        objects.append({"colour": colour, "shape": shape, "box": [x, y, x + side, y + side]})
+    return image, objects
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, side: int, fill: tuple[int, int, int]) -> None:
+    # PIL coordinates are inclusive, so the shape covers pixels x..x+side-1: its box edges are x and x+side.
+    r, b, cx, cy = x + side - 1, y + side - 1, x + (side - 1) / 2, y + (side - 1) / 2
+    if shape == "circle":
+        draw.ellipse([x, y, r, b], fill=fill)
+    elif shape == "square":
+        draw.rectangle([x, y, r, b], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, y), (r, b), (x, b)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, y), (r, cy), (cx, b), (x, cy)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def phrase(obj: dict[str, Any]) -> str:
+    """"red circle" for an object dict."""
+    return f"{obj['colour']} {obj['shape']}"
+
+
+def caption_text(objects: list[dict[str, Any]]) -> str:
+    """Every object, left to right: "a red circle" / "a red circle and an orange square"."""
+    parts = [f"{'an' if o['colour'][0] in 'aeiou' else 'a'} {phrase(o)}" for o in objects]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def grounding_prompt(object_phrase: str) -> str:
+    """The question asked of a grounding sample (the template lives with the sample formats)."""
+    return GROUNDING_PROMPT.format(phrase=object_phrase)
+
+
+def corpus_lines() -> list[str]:
+    """Text covering every word and number form of the dataset and its prompts, to train a small tokenizer."""
+    kinds = [{"colour": c, "shape": s} for c, s in itertools.product(COLOURS, SHAPES)]
+    lines = [CAPTION_PROMPT]
+    lines += [caption_text([k]) for k in kinds]
+    lines += [caption_text([a, b]) for a, b in itertools.permutations(kinds, 2)]
+    lines += [grounding_prompt(phrase(k)) for k in kinds]
+    lines += [format_box((i / 10, i / 10, (i + 5) / 20, (i + 5) / 20)) for i in range(10)]
+    lines += [format_point((i / 9, 1 - i / 9)) for i in range(10)]
+    lines += [" ".join("0123456789"), "0123456789", "( ) , . ?"]
+    return lines
+
+
+def _cache_root(cfg: Any) -> str:
+    root = cfg.cache_dir or os.environ.get("VLM_TRAIN_CACHE") or "~/.cache/vlm_train"
+    return os.path.abspath(os.path.expanduser(root))
+
+
+def dataset_dir(cfg: Any) -> str:
+    """The cache folder for this config: <cache root>/synthetic-<12-hex hash of the config>."""
+    key = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SyntheticConfig) if f.name != "cache_dir"}
+    key["format_version"] = FORMAT_VERSION
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(_cache_root(cfg), f"synthetic-{digest}")
+
+
+def _check_config(cfg: Any) -> None:
+    if cfg.min_side < MIN_SLOT_PX or cfg.min_side > cfg.max_side:
+        raise ValueError(
+            f"synthetic: need {MIN_SLOT_PX} <= min_side <= max_side, got min_side={cfg.min_side}, max_side={cfg.max_side}"
+        )
+    if not 1 <= cfg.max_objects <= len(COLOURS) * len(SHAPES):
+        raise ValueError(f"synthetic: max_objects must be in 1..{len(COLOURS) * len(SHAPES)}, got {cfg.max_objects}")
+    if cfg.images_per_shard < 1:
+        raise ValueError(f"synthetic: images_per_shard must be >= 1, got {cfg.images_per_shard}")
+    if cfg.num_train_images < 0 or cfg.num_heldout_images < 0:
+        raise ValueError("synthetic: num_train_images and num_heldout_images must be >= 0")
+
+
+def _shard_urls(folder: str, split: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, f"{split}-*.tar")))
+
+
+def _write_split(folder: str, split: str, num_images: int, cfg: Any) -> None:
+    # A seed stream per split, so held-out images never repeat the train ones.
+    rng = random.Random(f"vlm_train.synthetic/{split}/{cfg.seed}")
+    writer = None
+    for index in range(num_images):
+        if index % cfg.images_per_shard == 0:
+            if writer is not None:
+                writer.close()
+            path = os.path.join(folder, f"{split}-{index // cfg.images_per_shard:06d}.tar")
+            writer = wds.TarWriter(path, encoder=False, mtime=0)  # fixed mtime: byte-identical shards per seed
+        image, objects = render_scene(rng, cfg)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        png = buf.getvalue()
+        key = f"{split}{index:06d}"
+        writer.write({"__key__": key + "c", "png": png, "txt": caption_text(objects).encode()})
+        target = rng.choice(objects)
+        meta = {"task": "grounding", "phrase": phrase(target), "box": target["box"], "box_format": "pixels"}
+        writer.write({"__key__": key + "g", "png": png, "json": json.dumps(meta).encode()})
+    if writer is not None:
+        writer.close()
+
+
+def ensure_synthetic_shards(cfg: Any) -> SyntheticShards:
+    """Write the synthetic shards for `cfg` once into the cache and return their paths; later calls reuse them."""
+    _check_config(cfg)
+    final = dataset_dir(cfg)
+    if not os.path.exists(os.path.join(final, MARKER)):
+        _generate(cfg, final)
+    return SyntheticShards(dir=final, train_urls=_shard_urls(final, "train"), heldout_urls=_shard_urls(final, "heldout"))
+
+
+def _generate(cfg: Any, final: str) -> None:
+    root = os.path.dirname(final)
+    os.makedirs(root, exist_ok=True)
+    log.info("generating synthetic dataset (%d train + %d held-out images) in %s",
+             cfg.num_train_images, cfg.num_heldout_images, final)
+    start = time.perf_counter()
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=root)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared between users
+    try:
+        _write_split(tmp, "train", cfg.num_train_images, cfg)
+        _write_split(tmp, "heldout", cfg.num_heldout_images, cfg)
+        info = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SyntheticConfig) if f.name != "cache_dir"}
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump({"format_version": FORMAT_VERSION, "config": info}, f, indent=2)
+        if os.path.isdir(final) and not os.path.exists(os.path.join(final, MARKER)):
+            # Only complete folders are ever renamed into place, so this one was damaged by hand: replace it.
+            log.warning("replacing incomplete synthetic dataset folder %s", final)
+            shutil.rmtree(final, ignore_errors=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.exists(os.path.join(final, MARKER)):
+                raise
+            log.info("another process finished %s first; using its shards", final)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote synthetic dataset in %.1fs", time.perf_counter() - start)

@@ -1,0 +1,21 @@
+"""The model: NaViT vision tower -> patch merger -> decoder LM, all over packed varlen sequences."""
+from .attention import ATTENTION_BACKENDS, resolve_backend, varlen_attention
+from .config import LLMConfig, ModelConfig, VisionConfig
+from .llm import DecoderLM
+from .projector import PatchMerger
+from .vit import VisionTransformer
+from .vlm import VLM, VLMOutput
+
+__all__ = [
+    "ATTENTION_BACKENDS",
+    "DecoderLM",
+    "LLMConfig",
+    "ModelConfig",
+    "PatchMerger",
+    "VLM",
+    "VLMOutput",
+    "VisionConfig",
+    "VisionTransformer",
+    "resolve_backend",
+    "varlen_attention",
+]

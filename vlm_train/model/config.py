@@ -1,0 +1,131 @@
+"""Model configs: plain dataclasses so Hydra can register them as structured configs."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .attention import ATTENTION_BACKENDS
+
+
+@dataclass
+class VisionConfig:
+    """NaViT / Qwen2.5-VL vision tower."""
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    hidden_size: int = 64
+    depth: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 128
+    spatial_merge_size: int = 2
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch: C * t * p * p."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    def validate(self) -> None:
+        """Raise ValueError if the shapes do not fit together."""
+        _positive(self, "vision", ("patch_size", "temporal_patch_size", "in_channels", "hidden_size", "depth",
+                                   "num_heads", "intermediate_size", "spatial_merge_size"))
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"vision.num_heads ({self.num_heads})")
+        if self.head_dim % 4:
+            # head_dim/2 rotary dims per axis (h, w), each rotated in pairs.
+            raise ValueError(f"vision head_dim (hidden_size/num_heads = {self.head_dim}) must be divisible by 4 "
+                             "for the 2D rotary")
+
+
+@dataclass
+class LLMConfig:
+    """Decoder of the Qwen2 / Qwen2.5 / Qwen3 / Llama family."""
+
+    vocab_size: int = 0  # 0: taken from the tokenizer when the model is built
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0: hidden_size // num_heads (Qwen3 sets it explicitly)
+    intermediate_size: int = 256
+    rope_theta: float = 10000.0
+    mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])  # t, h, w; sums to head_dim / 2
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    tie_word_embeddings: bool = True
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        """Raise ValueError if the shapes do not fit together."""
+        _positive(self, "llm", ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"))
+        if self.vocab_size < 0:
+            raise ValueError(f"llm.vocab_size must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
+        if self.head_dim < 0:
+            raise ValueError(f"llm.head_dim must be >= 0 (0 = hidden_size // num_heads), got {self.head_dim}")
+        if not self.head_dim and self.hidden_size % self.num_heads:
+            raise ValueError(f"llm.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"llm.num_heads ({self.num_heads}), or set llm.head_dim")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"llm.num_heads ({self.num_heads}) must be a multiple of "
+                             f"llm.num_kv_heads ({self.num_kv_heads})")
+        head_dim = self.resolved_head_dim
+        if head_dim % 2:
+            raise ValueError(f"llm head_dim ({head_dim}) must be even for rotary embeddings")
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != head_dim // 2:
+            raise ValueError(f"llm.mrope_section ({list(self.mrope_section)}) must be 3 numbers (t, h, w) summing to "
+                             f"head_dim/2 = {head_dim // 2}")
+
+
+@dataclass
+class ModelConfig:
+    """The whole VLM: vision tower, projector (shaped by both), LLM and runtime switches."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    attn_backend: str = "auto"
+    activation_checkpointing: bool = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent setting."""
+        self.vision.validate()
+        self.llm.validate()
+        if self.attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attn_backend {self.attn_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a nested mapping (a plain dict or an OmegaConf DictConfig); unknown keys are an error."""
+        data = dict(data)
+        vision = _build(VisionConfig, data.pop("vision", {}), "vision")
+        llm = _build(LLMConfig, data.pop("llm", {}), "llm")
+        top = _build(cls, data, "model")
+        top.vision, top.llm = vision, llm
+        return top
+
+
+def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {where} config keys {unknown}; valid keys: {sorted(names)}")
+    values = {k: (list(v) if k == "mrope_section" else v) for k, v in data.items()}
+    return cls(**values)
+
+
+def _positive(cfg: Any, where: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{where}.{name} must be positive, got {getattr(cfg, name)}")

@@ -1,0 +1,124 @@
+"""NaViT-style vision tower (Qwen2.5-VL layout) over the packed patches of many images.
+
+Submodule names mirror HF `Qwen2_5_VisionTransformerPretrainedModel`, so importing its weights is a rename
+(plus reshaping the Conv3d patch embedding into our Linear).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import varlen_attention
+from .config import VisionConfig
+from .norm import RMSNorm
+from .rope import apply_rotary, inv_frequencies, vision_cos_sin
+
+
+class PatchEmbed(nn.Module):
+    """Flattened patch [C*t*p*p] -> hidden; HF's Conv3d with kernel == stride is this Linear."""
+
+    def __init__(self, patch_dim: int, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(patch_dim, hidden_size, bias=False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_values.to(self.proj.weight.dtype))
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional multi-head attention confined to each image, with 2D rotary q/k."""
+
+    def __init__(self, cfg: VisionConfig, attn_backend: str) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.attn_backend = attn_backend
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=False, backend=self.attn_backend)
+        return self.proj(out.reshape(n, -1))
+
+
+class VisionMLP(nn.Module):
+    """SwiGLU with biases, as in Qwen2.5-VL's vision blocks."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=True)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=True)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg: VisionConfig, attn_backend: str) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = VisionAttention(cfg, attn_backend)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = VisionMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """Patches of N images (merge order) -> per-patch features [P, hidden]; no final norm (the merger has it)."""
+
+    def __init__(self, cfg: VisionConfig, attn_backend: str = "auto", activation_checkpointing: bool = False) -> None:
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
+        self.patch_embed = PatchEmbed(cfg.patch_dim, cfg.hidden_size)
+        self.blocks = nn.ModuleList(VisionBlock(cfg, attn_backend) for _ in range(cfg.depth))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """pixel_values [P, C*t*p*p], grid_thw [N, 3], cu_seqlens int32 [N+1] (image bounds) -> [P, hidden]."""
+        sizes = grid_thw.prod(-1)
+        if int(sizes.sum()) != pixel_values.shape[0]:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw "
+                             f"{grid_thw.tolist()} implies {int(sizes.sum())}")
+        if pixel_values.shape[-1] != self.cfg.patch_dim:
+            raise ValueError(f"pixel_values rows have {pixel_values.shape[-1]} values, expected C*t*p*p = "
+                             f"{self.cfg.patch_dim} for the vision config")
+        if cu_seqlens is None:
+            cu_seqlens = F.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int(sizes.max()) if sizes.numel() else 0
+
+        x = self.patch_embed(pixel_values)
+        # head_dim/2 rotary dims per axis (h, w).
+        inv_freq = inv_frequencies(self.cfg.head_dim // 2, self.cfg.rope_theta, x.device)
+        cos, sin = vision_cos_sin(grid_thw, self.cfg.spatial_merge_size, inv_freq)
+        # Window attention (Qwen2.5-VL `fullatt_block_indexes` / `window_size`) would go here: permute x and
+        # cos/sin into window order, give non-full blocks the window cu_seqlens, and undo the permutation at
+        # the end. Every block is full attention for now, which needs neither.
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cu_seqlens, max_seqlen)
+        return x

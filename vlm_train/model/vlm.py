@@ -1,0 +1,108 @@
+"""The VLM: vision tower -> patch merger -> image embeddings scattered into the LLM's packed sequence."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..data.batch import PackedBatch
+from .config import ModelConfig
+from .llm import DecoderLM
+from .norm import RMSNorm
+from .projector import PatchMerger
+from .vit import VisionTransformer
+
+
+@dataclass
+class VLMOutput:
+    """Final-normed hidden states [T, D] and, when asked for, logits [T, V]."""
+
+    hidden: torch.Tensor
+    logits: torch.Tensor | None = None
+
+
+class VLM(nn.Module):
+    """ViT + merger + decoder LM. Top-level names `vision`, `projector`, `llm` are what training stages freeze by."""
+
+    def __init__(self, cfg: ModelConfig | Mapping, vocab_size: int, image_token_id: int) -> None:
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            cfg = ModelConfig.from_dict(cfg)
+        # The embedding may be larger than the tokenizer (padded vocab), never smaller.
+        if cfg.llm.vocab_size and cfg.llm.vocab_size < vocab_size:
+            raise ValueError(f"llm.vocab_size ({cfg.llm.vocab_size}) is smaller than the tokenizer's ({vocab_size})")
+        llm_cfg = dataclasses.replace(cfg.llm, vocab_size=cfg.llm.vocab_size or vocab_size)
+        cfg = dataclasses.replace(cfg, llm=llm_cfg)
+        cfg.validate()
+        if not 0 <= image_token_id < llm_cfg.vocab_size:
+            raise ValueError(f"image_token_id {image_token_id} is outside the vocabulary (size {llm_cfg.vocab_size})")
+        self.cfg = cfg
+        self.image_token_id = image_token_id
+
+        self.vision = VisionTransformer(cfg.vision, cfg.attn_backend, cfg.activation_checkpointing)
+        self.projector = PatchMerger(
+            cfg.vision.hidden_size, llm_cfg.hidden_size, cfg.vision.spatial_merge_size, cfg.vision.rms_norm_eps
+        )
+        self.llm = DecoderLM(llm_cfg, cfg.attn_backend, cfg.activation_checkpointing)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.cfg.llm.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Number of parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, vit_cu_seqlens: torch.Tensor | None = None,
+        vit_max_seqlen: int | None = None,
+    ) -> torch.Tensor:
+        """Patches [P, C*t*p*p] of N images -> image token embeddings [P / merge^2, llm_hidden]."""
+        return self.projector(self.vision(pixel_values, grid_thw, vit_cu_seqlens, vit_max_seqlen))
+
+    def _dummy_image_embeds(self, device: torch.device) -> torch.Tensor:
+        """Run the vision path on one zero image of one merge window, the smallest valid input."""
+        m = self.cfg.vision.spatial_merge_size
+        pixel_values = torch.zeros(m * m, self.cfg.vision.patch_dim, device=device)
+        grid_thw = torch.tensor([[1, m, m]], dtype=torch.long, device=device)
+        cu_seqlens = torch.tensor([0, m * m], dtype=torch.int32, device=device)
+        return self.encode_images(pixel_values, grid_thw, cu_seqlens, m * m)
+
+    def embed(self, batch: PackedBatch) -> torch.Tensor:
+        """Text embeddings [T, D] with each image-pad token replaced by its image embedding, in order."""
+        embeds = self.llm.embed(batch.input_ids)
+        is_image = batch.input_ids == self.image_token_id
+        num_pad = int(is_image.sum())
+        if batch.pixel_values.shape[0] == 0:
+            if num_pad:
+                raise ValueError(
+                    f"the pack has {num_pad} image-pad tokens (id {self.image_token_id}) but no image patches"
+                )
+            # Keeps every rank's parameter set and collectives identical (ZeRO-3 / DDP hang otherwise);
+            # the zero factor leaves values unchanged while giving vision/projector a (zero) gradient.
+            return embeds + 0.0 * self._dummy_image_embeds(embeds.device).sum().to(embeds.dtype)
+
+        image_embeds = self.encode_images(
+            batch.pixel_values, batch.image_grid_thw, batch.vit_cu_seqlens, batch.vit_max_seqlen
+        )
+        if num_pad != image_embeds.shape[0]:
+            raise ValueError(
+                f"the pack has {num_pad} image-pad tokens (id {self.image_token_id}) but its "
+                f"{batch.num_images} images give {image_embeds.shape[0]} image embeddings "
+                f"(grids {batch.image_grid_thw.tolist()}, merge size {self.cfg.vision.spatial_merge_size})"
+            )
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def forward(self, batch: PackedBatch, return_logits: bool = True) -> VLMOutput:
+        """Run one pack; logits [T, V] only when `return_logits` (a fused loss may want just the hidden states)."""
+        hidden = self.llm.forward_embeds(self.embed(batch), batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        return VLMOutput(hidden=hidden, logits=self.llm.logits(hidden) if return_logits else None)

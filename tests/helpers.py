@@ -1,0 +1,36 @@
+"""Small builders shared by tests: samples with images, and the tiny tokenizer/encoder."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from PIL import Image
+
+from vlm_train.data.encode import Encoder
+from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
+from vlm_train.data.image import PatchSpec
+from vlm_train.data.synthetic import corpus_lines
+from vlm_train.data.tokenizer import build_tiny_tokenizer
+
+SPEC = PatchSpec(min_pixels=56 * 56, max_pixels=168 * 168)
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    return build_tiny_tokenizer(corpus_lines())
+
+
+def encoder() -> Encoder:
+    return Encoder(tiny_tokenizer(), SPEC)
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype("uint8"))
+
+
+def sample(key: str, answer: str, images: int = 1, prompt: str = "Describe the image.", seed: int = 0) -> Sample:
+    """A conversation with `images` noise images (of different sizes) before the prompt."""
+    pictures = [noise_image(56 + 28 * i, 84 - 14 * i, seed + i) for i in range(images)]
+    turns = [Turn("user", IMAGE_PLACEHOLDER * images + prompt), Turn("assistant", answer)]
+    return Sample(key, "test", "caption", pictures, turns, {"answer": answer})

@@ -1,0 +1,1 @@
+"""Training: curriculum, loss, engine, checkpoints, metrics, evaluation."""

@@ -1,0 +1,3 @@
+from vlm_train.train.main import main
+
+main()

@@ -1,0 +1,77 @@
+"""Turn the config into components: tokenizer, encoder, data sources, packed stream, model."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from vlm_train.data.config import DataConfig
+from vlm_train.data.encode import Encoder
+from vlm_train.data.image import PatchSpec
+from vlm_train.data.loader import PackedStream, Source, expand_urls
+from vlm_train.data.synthetic import corpus_lines, ensure_synthetic_shards
+from vlm_train.data.tokenizer import load_tokenizer
+from vlm_train.model.config import ModelConfig
+from vlm_train.model.vlm import VLM
+
+
+@dataclass
+class DataSetup:
+    tokenizer: PreTrainedTokenizerBase
+    encoder: Encoder
+    sources: list[Source]
+    heldout_urls: list[str]
+
+
+def patch_spec(model: ModelConfig, data: DataConfig) -> PatchSpec:
+    """Patch geometry from the vision tower, pixel range from the data config."""
+    vision = model.vision
+    return PatchSpec(
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+        min_pixels=data.image.min_pixels,
+        max_pixels=data.image.max_pixels,
+    )
+
+
+def build_data(data: DataConfig, model: ModelConfig) -> DataSetup:
+    """Make (or reuse) the synthetic shards if asked, load the tokenizer, and list the sources."""
+    sources = [Source(s.name, expand_urls(s.urls), s.weight) for s in data.sources]
+    heldout = expand_urls(data.heldout_urls) if data.heldout_urls else []
+    if data.use_synthetic:
+        shards = ensure_synthetic_shards(data.synthetic)
+        sources.append(Source("shapes", shards.train_urls))
+        heldout = heldout or shards.heldout_urls
+    for source in sources:
+        missing = [u for u in source.urls if "://" not in u and not os.path.exists(u)]
+        if missing:
+            raise FileNotFoundError(f"data source {source.name!r}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    tokenizer = load_tokenizer(data.tokenizer, corpus=corpus_lines())
+    encoder = Encoder(tokenizer, patch_spec(model, data))
+    return DataSetup(tokenizer, encoder, sources, heldout)
+
+
+def build_stream(setup: DataSetup, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> PackedStream:
+    return PackedStream(setup.sources, setup.encoder, data, seed=seed, rank=rank, world_size=world_size)
+
+
+def build_model(model: ModelConfig, setup: DataSetup) -> VLM:
+    """The VLM sized to the tokenizer (llm.vocab_size=0 means: the tokenizer's size)."""
+    tokens = len(setup.tokenizer)
+    vocab_size = model.llm.vocab_size or tokens
+    if vocab_size < tokens:
+        raise ValueError(f"model.llm.vocab_size={vocab_size} is smaller than the tokenizer ({tokens} tokens)")
+    return VLM(model, vocab_size=vocab_size, image_token_id=setup.encoder.special.image_pad)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("engine.device=cuda but no CUDA device is available")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"engine.device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import varlen_attention
 from .config import VisionConfig
+from .mlp import SwiGLU
 from .norm import RMSNorm
 from .rope import apply_rotary, inv_frequencies, vision_cos_sin
 
@@ -48,19 +49,6 @@ class VisionAttention(nn.Module):
         return self.proj(out.reshape(n, -1))
 
 
-class VisionMLP(nn.Module):
-    """SwiGLU with biases, as in Qwen2.5-VL's vision blocks."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=True)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=True)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class VisionBlock(nn.Module):
     """Pre-norm transformer block."""
 
@@ -69,7 +57,7 @@ class VisionBlock(nn.Module):
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = VisionAttention(cfg, attn_backend)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = VisionMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int

@@ -120,8 +120,9 @@ def test_render_scene_objects():
         assert len(set(kinds)) == len(kinds)
         for left, right in zip(objects, objects[1:]):
             assert left["box"][2] + 2 <= right["box"][0]  # separated horizontal extents
-        background = np.array(image)[0, 0]
-        assert background.min() >= 200  # light
+        background = np.array(image)[0, 0].astype(int)
+        # mid-grey near the CLIP mean, so background patches normalise to about zero
+        assert np.abs(background - np.array(synthetic.BACKGROUND_MEAN)).max() <= 12
 
 
 def test_train_and_heldout_differ(shards):

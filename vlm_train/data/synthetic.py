@@ -1,4 +1,4 @@
-"""A built-in synthetic dataset: coloured shapes on light backgrounds, captioned and grounded.
+"""A built-in synthetic dataset: coloured shapes on mid-grey backgrounds, captioned and grounded.
 
 It is written as real webdataset tar shards once, into a cache folder keyed by a hash of the
 config, so `vlm-train` with no arguments exercises the same loader path as real data.
@@ -29,7 +29,7 @@ from vlm_train.data.grounding import format_box, format_point, to_relative
 log = logging.getLogger(__name__)
 
 # Bump whenever the rendering or the shard layout changes, so stale caches are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = "COMPLETE.json"
 MIN_OBJECT_PX = 20  # smallest object side; still spans two 14-px patches in each direction
 MIN_SLOT_PX = 28  # narrowest horizontal slot one object may get
@@ -43,6 +43,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 130, 0),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+BACKGROUND_MEAN = (123, 117, 104)  # 255 x the CLIP image mean
 
 
 
@@ -69,8 +70,9 @@ def render_scene(rng: random.Random, cfg: Any) -> tuple[Image.Image, list[dict[s
     """Draw one image of 1..max_objects distinct shapes, one per equal-width slot; objects sorted left to right."""
     width = rng.randint(cfg.min_side, cfg.max_side)
     height = rng.randint(cfg.min_side, cfg.max_side)
-    base = rng.randint(225, 250)
-    background = tuple(min(255, base + rng.randint(-5, 5)) for _ in range(3))
+    # Mid-grey near CLIP's normalisation mean: background patches normalise to about zero, so the objects,
+    # not a shared bright background, dominate the image tokens (it was ~85% of their energy when light).
+    background = tuple(centre + rng.randint(-12, 12) for centre in BACKGROUND_MEAN)
     image = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(image)
 
@@ -80,7 +82,8 @@ def render_scene(rng: random.Random, cfg: Any) -> tuple[Image.Image, list[dict[s
     objects = []
     for i, (colour, shape) in enumerate(kinds):
         room = int(min(slot_width, height)) - 4  # leave >= 2 px on each side of the slot
-        side = min(room, max(MIN_OBJECT_PX, int(rng.uniform(0.4, 0.7) * min(slot_width, height))))
+        # Large objects (60-90% of the slot) keep shapes readable at 14-px patches.
+        side = min(room, max(MIN_OBJECT_PX, int(rng.uniform(0.6, 0.9) * min(slot_width, height))))
         slot_x0 = int(round(i * slot_width))
         slot_x1 = int(round((i + 1) * slot_width))
         x = rng.randint(slot_x0 + 2, slot_x1 - 2 - side)
@@ -101,6 +104,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, side: int
         draw.polygon([(cx, y), (r, b), (x, b)], fill=fill)
     elif shape == "diamond":
         draw.polygon([(cx, y), (r, cy), (cx, b), (x, cy)], fill=fill)
+
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
 

@@ -76,7 +76,7 @@ class LoggerConfig:
     wandb_project: str = "vlm_train"
     wandb_entity: str = ""
     wandb_name: str = ""
-    wandb_mode: str = "online"  # online | offline | disabled
+    wandb_mode: str = ""  # online | offline | disabled; empty: wandb's own default (WANDB_MODE, else online)
 
 
 @dataclass

@@ -36,7 +36,7 @@ class MetricsLogger:
                 project=cfg.wandb_project,
                 entity=cfg.wandb_entity or None,
                 name=cfg.wandb_name or run_dir.name,
-                mode=cfg.wandb_mode,
+                mode=cfg.wandb_mode or None,
                 dir=str(run_dir),
                 config=config,
             )

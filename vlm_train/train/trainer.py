@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -100,6 +101,9 @@ def _next_packs(batches: Iterator[PackedBatch], count: int, skipped: Counter) ->
 
 def run(cfg: Config) -> dict[str, Any]:
     """Train through every stage of the curriculum, save, evaluate, and write summary.json."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.engine.name == "single" and world_size > 1:
+        raise RuntimeError(f"engine=single trains in one process, but WORLD_SIZE={world_size}: launch one process")
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))

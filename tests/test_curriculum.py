@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from helpers import encoder, tiny_tokenizer
 from vlm_train.model import VLM, ModelConfig

@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image, ImageDraw
 
 from vlm_train.data.formats import CAPTION_PROMPT, GROUNDING_PROMPT
-from vlm_train.data.grounding import format_box, format_point, to_relative
+from vlm_train.data.grounding import format_box, format_point
 
 log = logging.getLogger(__name__)
 

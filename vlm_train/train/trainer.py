@@ -18,7 +18,7 @@ from vlm_train.data.batch import PackedBatch
 from vlm_train.data.loader import build_loader
 from vlm_train.model.vlm import VLM
 from vlm_train.train import loss as L
-from vlm_train.train.builders import build_data, build_model, build_stream, pick_device
+from vlm_train.train.builders import DataSetup, build_data, build_model, build_stream, pick_device
 from vlm_train.train.checkpoint import save_checkpoint
 from vlm_train.train.config import Config, StageConfig
 from vlm_train.train.curriculum import build_optimizer, set_lr, set_trainable, validate_curriculum
@@ -106,7 +106,8 @@ def run(cfg: Config) -> dict[str, Any]:
         raise RuntimeError(f"engine=single trains in one process, but WORLD_SIZE={world_size}: launch one process")
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    structured = OmegaConf.structured(cfg)
+    config_yaml = OmegaConf.to_yaml(structured)
     (run_dir / "config.yaml").write_text(config_yaml)
     if cfg.engine.threads > 0:
         torch.set_num_threads(cfg.engine.threads)
@@ -119,7 +120,7 @@ def run(cfg: Config) -> dict[str, Any]:
     total_steps = sum(stage.steps for stage in cfg.curriculum.stages)
     log.info("run folder %s | model %.2fM parameters | device %s", run_dir, model.num_parameters() / 1e6, device)
 
-    metrics = MetricsLogger(run_dir, cfg.logger, total_steps, OmegaConf.to_container(OmegaConf.structured(cfg)))
+    metrics = MetricsLogger(run_dir, cfg.logger, total_steps, OmegaConf.to_container(structured))
     batches = iter(build_loader(build_stream(setup, cfg.data, seed=cfg.run.seed), cfg.data.num_workers))
     skipped_data: Counter = Counter()
     skipped_steps = 0
@@ -167,7 +168,7 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def evaluate_and_report(model: VLM, setup, cfg: Config, device: torch.device, run_dir: Path) -> dict[str, Any]:
+def evaluate_and_report(model: VLM, setup: DataSetup, cfg: Config, device: torch.device, run_dir: Path) -> dict[str, Any]:
     """Score the held-out split, print a few examples, and keep every prediction in heldout_predictions.jsonl."""
     started = time.perf_counter()
     samples = select_heldout(setup.heldout_urls, cfg.eval, cfg.data.image.max_decode_pixels)

@@ -1,0 +1,76 @@
+"""A realistic mix of sample sizes for packing studies: captions, multi-image conversations, long text.
+
+Sizes follow Qwen2-VL's geometry (14 px patches, 2x2 merge: one LLM token per 28x28 px, four ViT patches per token)
+and its chat template (about 5 tokens of framing per turn, 2 per image). The shares and shapes follow public data:
+- captions (50% of samples): CC3M/LAION-style web images (median ~0.2 MP, aspect 1:2 to 2:1), captions of ~15 tokens;
+- conversations (35%): LLaVA-Instruct/ShareGPT4V-style, 1-3 larger images (60/25/15%), 1-6 turns, answers of
+  ~90 tokens with a long tail;
+- text-only (15%): long documents or text SFT, median ~1800 tokens; a few exceed an 8k budget and are dropped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+
+from vlm_train.data.image import PatchSpec, smart_resize
+
+# Qwen2-VL processor defaults, but images capped at 1024 tokens, as many fine-tuning recipes do.
+MIX_SPEC = PatchSpec(min_pixels=56 * 56, max_pixels=1024 * 28 * 28)
+TURN_FRAMING = 5  # <|im_start|>, role, newline, <|im_end|>, newline
+IMAGE_FRAMING = 2  # <|vision_start|>, <|vision_end|>
+
+
+@dataclass(frozen=True)
+class MixShares:
+    caption: float = 0.50
+    conversation: float = 0.35
+    text: float = 0.15
+
+
+def _lognormal(rng: random.Random, median: float, sigma: float, low: float, high: float) -> int:
+    return int(min(high, max(low, round(rng.lognormvariate(math.log(median), sigma)))))
+
+
+def _image(rng: random.Random, median_pixels: float) -> tuple[int, int]:
+    """(LLM tokens, ViT patches) of one image: lognormal area, log-uniform aspect ratio in [1/2, 2]."""
+    area = rng.lognormvariate(math.log(median_pixels), 0.6)
+    aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+    height, width = (max(1, round(math.sqrt(area / aspect))), max(1, round(math.sqrt(area * aspect))))
+    height, width = smart_resize(height, width, MIX_SPEC)
+    patches = (height // MIX_SPEC.patch_size) * (width // MIX_SPEC.patch_size)
+    return patches // MIX_SPEC.merge_size**2, patches
+
+
+def _caption(rng: random.Random) -> dict:
+    tokens, patches = _image(rng, 500 * 400)
+    text = _lognormal(rng, 15, 0.5, 3, 80) + 5  # the caption and the prompt
+    tokens += 2 * TURN_FRAMING + IMAGE_FRAMING + text
+    return {"llm_tokens": tokens, "vit_patches": patches, "images": 1, "kind": "caption"}
+
+
+def _conversation(rng: random.Random) -> dict:
+    images = rng.choices([1, 2, 3], [0.60, 0.25, 0.15])[0]
+    sizes = [_image(rng, 800 * 600) for _ in range(images)]
+    turns = rng.randint(1, 6)
+    text = sum(_lognormal(rng, 15, 0.6, 3, 200) + _lognormal(rng, 90, 0.8, 5, 1200) for _ in range(turns))
+    tokens = 2 * turns * TURN_FRAMING + images * IMAGE_FRAMING + text + sum(t for t, _ in sizes)
+    return {"llm_tokens": tokens, "vit_patches": sum(p for _, p in sizes), "images": images, "kind": "conversation"}
+
+
+def _text(rng: random.Random) -> dict:
+    return {"llm_tokens": _lognormal(rng, 1800, 0.7, 256, 32768), "vit_patches": 0, "images": 0, "kind": "text"}
+
+
+def make_mix(samples: int, seed: int, shares: MixShares = MixShares()) -> list[dict]:
+    """`samples` size records of the realistic mix, the same for the same seed."""
+    rng = random.Random(seed)
+    makers = [_caption, _conversation, _text]
+    weights = [shares.caption, shares.conversation, shares.text]
+    return [rng.choices(makers, weights)[0](rng) for _ in range(samples)]
+
+
+def write_mix(path: str, samples: int, seed: int) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in make_mix(samples, seed))

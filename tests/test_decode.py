@@ -1,4 +1,6 @@
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -63,3 +65,31 @@ def test_grounding_answer_is_written_as_relative_000_999_coordinates():
     assert parsed.turns[-1].text == "(100,100),(599,899)"
     assert parsed.turns[0].text.endswith("Where is the red circle?")
     assert np.allclose(parsed.meta["box"], [0.1, 0.1, 0.6, 0.9])
+
+
+def _claiming(width: int, height: int) -> bytes:
+    """A one-pixel PNG whose header claims width x height (CRC fixed), as a decompression bomb would."""
+    data = bytearray(_bytes(Image.new("RGB", (1, 1))))
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("side,limit", [(5000, 10_000), (60000, 89_478_485)])
+def test_a_bomb_is_refused_from_its_header_without_decoding(side, limit):
+    # The pixel data is one pixel: had it been decoded, the error would be a corrupt image, not a size.
+    with pytest.raises(SkipSample) as err:
+        decode_image(_claiming(side, side), max_pixels=limit)
+    assert err.value.reason == "image_too_large"
+
+
+def test_palette_with_transparency_and_16_bit_grey_keep_their_content():
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([255, 0, 0] + [0, 0, 255] * 255)
+    palette.info["transparency"] = 0  # index 0 (red) is transparent: it must come out as the white background
+    decoded = decode_image(_bytes(palette), max_pixels=10_000)
+    assert decoded.getpixel((0, 0)) == (255, 255, 255)
+    grey16 = Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16))
+    value = decode_image(_bytes(grey16), max_pixels=10_000).getpixel((0, 0))
+    assert value == (156, 156, 156)  # 40000 / 256, scaled rather than clipped to 255

@@ -62,3 +62,13 @@ def test_text_only_sample_positions_count_up_from_zero():
     encoded = encoder().encode(text_only)
     assert encoded.num_patches == 0 and encoded.image_grid_thw.shape == (0, 3)
     assert np.array_equal(encoded.position_ids, np.tile(np.arange(encoded.num_tokens), (3, 1)))
+
+
+def test_an_extreme_aspect_ratio_is_a_counted_skip():
+    from helpers import noise_image
+
+    strip = sample("k", "x")
+    strip.images = [noise_image(3000, 10)]
+    with pytest.raises(SkipSample) as err:
+        encoder().encode(strip)
+    assert err.value.reason == "bad_image_size"

@@ -1,9 +1,18 @@
 import numpy as np
 import pytest
 from PIL import Image
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+    Qwen2VLImageProcessorPil,
+)
 
-from vlm_train.data.image import PatchSpec, image_to_patches, smart_resize
+from vlm_train.data.image import (
+    ImageSampling,
+    PatchSpec,
+    image_to_patches,
+    scaled_size,
+    smart_resize,
+    window_positions,
+)
 
 
 @pytest.mark.parametrize("size", [(130, 70), (56, 56), (300, 40), (20, 20), (500, 400)])
@@ -27,3 +36,56 @@ def test_smart_resize_keeps_bounds_and_multiples():
         assert spec.min_pixels <= rh * rw <= spec.max_pixels
     with pytest.raises(ValueError, match="aspect ratio"):
         smart_resize(10, 5000, spec)
+
+
+def test_resolution_sampling_scales_within_the_range_and_keeps_bounds():
+    spec = PatchSpec(min_pixels=56 * 56, max_pixels=336 * 336)
+    base = smart_resize(224, 336, spec)
+    rng = np.random.default_rng(0)
+    sampling = ImageSampling(scale_min=0.5, scale_max=1.0)
+    sizes = {scaled_size(224, 336, spec, sampling.scale(rng)) for _ in range(50)}
+    assert len(sizes) > 3 and base in sizes | {base}
+    for h, w in sizes:
+        assert h % 28 == 0 and w % 28 == 0 and spec.min_pixels <= h * w <= spec.max_pixels
+        assert h <= base[0] and w <= base[1] and abs(w / h - 1.5) < 0.35  # aspect kept to the rounding
+    assert ImageSampling().scale(rng) == 1.0
+    with pytest.raises(ValueError, match="scale range"):
+        ImageSampling(scale_min=1.2, scale_max=1.0)
+
+
+def test_window_positions_follow_merge_order():
+    positions = window_positions((1, 4, 6), merge_size=2)
+    assert positions[:4].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]  # the first 2x2 window
+    assert positions[4:8].tolist() == [[0, 2], [0, 3], [1, 2], [1, 3]]
+    assert sorted(map(tuple, positions.tolist())) == [(r, c) for r in range(4) for c in range(6)]
+
+
+def test_token_drop_keeps_whole_windows_and_some_images_whole():
+    from helpers import sample, tiny_tokenizer
+
+    from vlm_train.data.encode import Encoder
+
+    spec = PatchSpec(min_pixels=112 * 112, max_pixels=168 * 168)
+    enc = Encoder(tiny_tokenizer(), spec, ImageSampling(drop_prob=0.5, drop_rate_min=0.25, drop_rate_max=0.5))
+    full = Encoder(tiny_tokenizer(), spec).encode(sample("k", "x"))
+    dropped_counts = []
+    for seed in range(12):
+        encoded = enc.encode(sample("k", "x"), rng=np.random.default_rng(seed))
+        windows = encoded.num_patches // 4
+        assert int((encoded.input_ids == enc.special.image_pad).sum()) == windows
+        assert encoded.patch_positions.shape == (encoded.num_patches, 2)
+        # Every kept patch is the full image's patch at that (row, column).
+        all_positions = window_positions(tuple(full.image_grid_thw[0]), 2)
+        index = {tuple(p): i for i, p in enumerate(all_positions.tolist())}
+        rows = [index[tuple(p)] for p in encoded.patch_positions.tolist()]
+        np.testing.assert_array_equal(encoded.pixel_values, full.pixel_values[rows])
+        assert encoded.image_grid_thw.tolist() == full.image_grid_thw.tolist()
+        # Image tokens keep their M-RoPE places, and the text after the image is not moved.
+        pad = enc.special.image_pad
+        kept = np.asarray(rows[::4]) // 4
+        full_image = full.position_ids[:, full.input_ids == pad]
+        np.testing.assert_array_equal(encoded.position_ids[:, encoded.input_ids == pad], full_image[:, kept])
+        np.testing.assert_array_equal(encoded.position_ids[:, -5:], full.position_ids[:, -5:])
+        dropped_counts.append(full.num_patches // 4 - windows)
+    assert 0 in dropped_counts and max(dropped_counts) > 0  # both whole and dropped images are seen
+    assert max(dropped_counts) <= full.num_patches // 4 // 2

@@ -1,5 +1,6 @@
 import io
 import itertools
+import tarfile
 from collections import Counter
 
 import pytest
@@ -8,7 +9,7 @@ from PIL import Image
 
 from helpers import encoder
 from vlm_train.data.config import DataConfig
-from vlm_train.data.loader import PackedStream, Source, expand_urls
+from vlm_train.data.loader import PackedStream, Source, build_loader, expand_urls
 
 
 def _png(seed: int) -> bytes:
@@ -19,6 +20,7 @@ def _png(seed: int) -> bytes:
 
 def write_shards(folder, shards: int, per_shard: int, bad: dict[str, dict] | None = None) -> list[str]:
     """Caption shards in the img2dataset layout; `bad` replaces some samples' members by key."""
+    folder.mkdir(parents=True, exist_ok=True)
     urls = []
     for s in range(shards):
         url = str(folder / f"shard-{s:03d}.tar")
@@ -36,6 +38,10 @@ def _config(**pack) -> DataConfig:
     cfg.pack.llm_budget = pack.get("llm_budget", 400)
     cfg.pack.buffer_size = pack.get("buffer_size", 4)
     return cfg
+
+
+def _stream(sources: list[Source], cfg: DataConfig | None = None, seed: int = 0) -> PackedStream:
+    return PackedStream(sources, encoder(), cfg or _config(), seed=seed, rank=0, world_size=1)
 
 
 def test_bad_samples_are_counted_per_source_and_reason(tmp_path):
@@ -85,22 +91,62 @@ def test_sample_longer_than_the_budget_is_skipped(tmp_path):
     assert all(m["key"] != "s0i0" for m in batch.meta)
 
 
-@pytest.mark.parametrize("shards,slots", [(4, 2), (4, 5), (6, 4)])
-def test_readers_split_a_source_disjointly_and_completely(tmp_path, shards, slots):
-    urls = write_shards(tmp_path, shards, 5)
-    stream = PackedStream([Source("web", urls)], encoder(), _config(), seed=3, rank=0, world_size=1)
-    seen = []
-    for slot in range(slots):
-        # One epoch of this reader: whole shards when there are enough, else every slots-th sample.
-        share = len(range(slot, shards, slots)) * 5 if shards >= slots else len(range(slot, shards * 5, slots))
-        reader = stream._source_samples(stream.sources[0], slot, slots, Counter())
-        seen += [raw["__key__"] for raw in itertools.islice(reader, share)]
-    assert sorted(seen) == sorted(f"s{s}i{i}" for s in range(shards) for i in range(5))
-
-
-def test_pipe_urls_and_empty_sources_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="shell-command"):
+def test_pipe_urls_are_refused_unless_allowed_and_empty_sources_too(tmp_path):
+    with pytest.raises(ValueError, match="shell-command.*allow_pipe"):
         expand_urls("pipe:curl -s http://example.com/{0..3}.tar")
+    assert len(expand_urls("pipe:cat /data/{0..3}.tar", allow_pipe=True)) == 4
     with pytest.raises(ValueError, match="no shards"):
-        PackedStream([Source("web", [])], encoder(), _config(), seed=0, rank=0, world_size=1)
-    assert expand_urls(str(tmp_path / "x-{000..002}.tar"))[-1].endswith("x-002.tar")
+        Source("web", [])
+    with pytest.raises(ValueError, match="weight must be positive"):
+        Source("web", ["a.tar"], weight=0)
+    with pytest.raises(ValueError, match="format 'llava'"):
+        Source("web", ["a.tar"], format="llava")
+    urls = expand_urls(str(tmp_path / "x-{000..002}.tar") + "::" + str(tmp_path / "y.tar"))
+    assert [u.rsplit("/", 1)[1] for u in urls] == ["x-000.tar", "x-001.tar", "x-002.tar", "y.tar"]
+
+
+def test_a_source_with_no_readable_shard_is_a_fatal_error_naming_it(tmp_path):
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+    loader = build_loader(_stream([Source("broken", [str(tmp_path / "junk.tar"), str(tmp_path / "gone.tar")])]), 0)
+    with pytest.raises(RuntimeError, match="'broken'.*no readable sample"):
+        next(loader)
+
+
+def test_duplicate_members_and_missing_json_are_counted(tmp_path):
+    urls = write_shards(tmp_path, 1, 6)
+    # A hand-written tar: the same member twice in one sample, and a conversation without its json.
+    with tarfile.open(urls[0], "a") as tar:
+        for name, data in [("dup.png", _png(1)), ("dup.png", _png(2)), ("dup.txt", b"x"), ("conv.0.png", _png(3))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stream = PackedStream([Source("web", urls, format="auto")], encoder(), _config(), seed=0, rank=0, world_size=1)
+    loader = build_loader(stream, 0)
+    keys = [m["key"] for _ in range(3) for m in next(loader).meta]
+    assert {"dup", "conv"}.isdisjoint(keys)
+    assert set(loader.skipped()) == {"web/bad_member", "web/unknown_format"}
+
+
+def test_skip_counters_reach_every_pack_and_the_loader_total(tmp_path):
+    bad = {f"s0i{i}": {"png": b"junk", "txt": "x"} for i in range(3)}
+    urls = write_shards(tmp_path, 2, 6, bad)
+    loader = build_loader(_stream([Source("a", urls[:1]), Source("b", urls[1:])]), 0)
+    per_pack = Counter()
+    for _ in range(8):
+        per_pack.update(next(loader).skipped)
+    assert per_pack == Counter(loader.skipped()) and per_pack["a/corrupt_image"] >= 3
+    assert not any(k.startswith("b/") for k in per_pack)
+
+
+def test_ranks_with_uneven_shards_never_run_dry(tmp_path):
+    """Every rank yields packs for as long as it is asked: a rank with less data goes on into its next epoch."""
+    sizes = [2, 3, 30]
+    urls = [write_shards(tmp_path / f"d{i}", 1, n)[0] for i, n in enumerate(sizes)]
+    epochs = []
+    for rank in range(2):
+        stream = PackedStream([Source("web", urls)], encoder(), _config(llm_budget=120), seed=1, rank=rank, world_size=2)
+        loader = build_loader(stream, 0)
+        packs = [next(loader) for _ in range(12)]
+        assert all(p.num_samples >= 1 for p in packs)
+        epochs.append(loader.state_dict()["worker_states"][0]["readers"]["web"]["epoch"])
+    assert min(epochs) >= 1  # both went on past an epoch end instead of stopping

@@ -25,6 +25,8 @@ class PackedBatch:
     vit_max_seqlen: int
     meta: list[dict[str, Any]] = field(default_factory=list)  # per sample: key, source, task, ...
     skipped: dict[str, int] = field(default_factory=dict)  # samples skipped since the previous pack, by reason
+    patch_positions: torch.Tensor | None = None  # int64 [P, 2] (row, column) per patch; set only when tokens drop
+    loader_state: dict[str, Any] | None = None  # a loader worker's state after this pack (taken off by the loader)
 
     @property
     def num_tokens(self) -> int:
@@ -42,7 +44,7 @@ class PackedBatch:
     def num_patches(self) -> int:
         return int(self.pixel_values.shape[0])
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
         """A copy with every tensor moved to `device`."""
         moved = {}
         for f in fields(self):

@@ -34,7 +34,9 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         raise SkipSample("image_too_large", str(exc)) from exc
     except Exception as exc:  # PIL raises many types for corrupt or truncated data
         raise SkipSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
-    image = ImageOps.exif_transpose(image)
+    ImageOps.exif_transpose(image, in_place=True)
+    if image.mode == "RGB":
+        return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale: scale to 8 bits rather than clip.
         image = image.point(lambda v: v / 256).convert("L")

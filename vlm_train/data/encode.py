@@ -9,8 +9,15 @@ from transformers import PreTrainedTokenizerBase
 
 from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.decode import SkipSample
-from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample
-from vlm_train.data.image import PatchSpec, image_to_patches
+from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
+from vlm_train.data.image import (
+    ImageSampling,
+    PatchSpec,
+    image_to_patches,
+    kept_windows,
+    scaled_size,
+    window_positions,
+)
 from vlm_train.data.tokenizer import special_ids
 
 
@@ -24,6 +31,7 @@ class EncodedSample:
     pixel_values: np.ndarray  # float32 [P, patch_dim]
     image_grid_thw: np.ndarray  # int64 [N, 3]
     meta: dict[str, Any] = field(default_factory=dict)
+    patch_positions: np.ndarray | None = None  # int64 [P, 2] (row, column) of each patch; set when tokens drop
 
     @property
     def num_tokens(self) -> int:
@@ -50,10 +58,9 @@ class _Builder:
         self.positions.append(np.broadcast_to(np.arange(self.next_position, self.next_position + n), (3, n)))
         self.next_position += n
 
-    def image(self, image_pad_id: int, grid_thw: tuple[int, int, int], merge_size: int) -> None:
+    def image(self, image_pad_id: int, grid_thw: tuple[int, int, int], merge_size: int, keep: np.ndarray | None) -> None:
         # Qwen2-VL rope index: an image's tokens take (t, row, column) positions offset by the text before it.
         t, h, w = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
-        n = t * h * w
         grid = np.stack(
             [
                 np.repeat(np.arange(t), h * w),
@@ -61,10 +68,14 @@ class _Builder:
                 np.tile(np.arange(w), t * h),
             ]
         )
+        span = int(grid.max()) + 1  # a dropped image still spans its full extent, so the text after it is unmoved
+        if keep is not None:
+            grid = grid[:, keep]  # dropped merge windows have no token; the kept ones keep their place
+        n = grid.shape[1]
         self.ids.append(np.full(n, image_pad_id, dtype=np.int64))
         self.supervised.append(np.zeros(n, dtype=bool))
         self.positions.append(grid + self.next_position)
-        self.next_position += int(grid.max()) + 1
+        self.next_position += span
 
     def finish(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ids = np.concatenate(self.ids)
@@ -75,37 +86,81 @@ class _Builder:
         return ids, labels, np.concatenate(self.positions, axis=1).astype(np.int64)
 
 
-class Encoder:
-    """Qwen2-VL chat template: <|im_start|>role\\n ... <|im_end|>\\n, images as vision_start, pads, vision_end."""
+def _concat_patches(patches: list[np.ndarray], patch_dim: int) -> np.ndarray:
+    if len(patches) == 1:
+        return patches[0]  # no copy of the common one-image case
+    return np.concatenate(patches) if patches else np.zeros((0, patch_dim), np.float32)
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, spec: PatchSpec):
+
+def _concat_positions(positions: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(positions) if positions else np.zeros((0, 2), np.int64)
+
+
+class Encoder:
+    """Qwen2-VL chat template: <|im_start|>role\\n ... <|im_end|>\\n, images as vision_start, pads, vision_end.
+
+    Loss falls on assistant turns (with their <|im_end|>) and on plain-text documents (with <|endoftext|>).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, spec: PatchSpec, sampling: ImageSampling | None = None,
+                 system_prompt: str = ""):  # fmt: skip
         self.tokenizer = tokenizer
         self.spec = spec
+        self.sampling = sampling or ImageSampling()
+        self.system_prompt = system_prompt
         self.special = special_ids(tokenizer)
-        self._role_header = {role: self._tokens(f"{role}\n") for role in ("user", "assistant")}
+        self._role_header = {role: self._tokens(f"{role}\n") for role in ("system", "user", "assistant")}
         self._newline = self._tokens("\n")
 
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
-    def encode(self, sample: Sample, for_generation: bool = False) -> EncodedSample:
-        """Encode a sample; with `for_generation` the last assistant turn is left for the model to write."""
+    def _image(self, image, rng: np.random.Generator | None) -> tuple[np.ndarray, tuple, np.ndarray | None]:
+        """Patches, grid and kept merge windows (None: all) of one image, with this sample's random draws."""
+        try:
+            size = scaled_size(image.height, image.width, self.spec, self.sampling.scale(rng))
+        except ValueError as exc:  # an extreme aspect ratio or an empty side
+            raise SkipSample("bad_image_size", str(exc)) from exc
+        pixel_values, grid = image_to_patches(image, self.spec, size)
+        rate = self.sampling.drop_rate(rng)
+        if not self.sampling.drops:
+            return pixel_values, grid, None
+        windows = pixel_values.shape[0] // self.spec.merge_size**2
+        keep = kept_windows(windows, rate, rng) if rate > 0 else np.arange(windows)
+        return pixel_values, grid, keep
+
+    def encode(self, sample: Sample, for_generation: bool = False, rng: np.random.Generator | None = None) -> EncodedSample:
+        """Encode a sample; with `for_generation` the last assistant turn is left for the model to write.
+        `rng` draws the per-image resolution scale and token drop (none without it)."""
         turns = sample.turns[:-1] if for_generation else sample.turns
+        if self.system_prompt and turns and turns[0].role not in ("system", "text"):
+            turns = [Turn("system", self.system_prompt), *turns]
         if for_generation and (not sample.turns or sample.turns[-1].role != "assistant"):
             raise ValueError(f"sample {sample.key}: generation needs a final assistant turn to hold out")
         placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in sample.turns)
         if placeholders != len(sample.images):
             raise SkipSample("image_count_mismatch", f"{placeholders} placeholders, {len(sample.images)} images")
 
-        patches, grids = [], []
+        patches, grids, keeps, patch_positions = [], [], [], []
+        merge = self.spec.merge_size
         for image in sample.images:
-            pixel_values, grid = image_to_patches(image, self.spec)
+            pixel_values, grid, keep = self._image(image, rng)
+            if keep is not None:
+                rows = (keep[:, None] * merge**2 + np.arange(merge**2)).reshape(-1)
+                pixel_values = pixel_values[rows]
+                patch_positions.append(window_positions(grid, merge)[rows])
             patches.append(pixel_values)
             grids.append(grid)
+            keeps.append(keep)
 
         builder = _Builder()
-        images = iter(grids)
+        images = iter(zip(grids, keeps))
         for turn in turns:
+            if turn.role == "text":
+                builder.text(self._tokens(turn.text) + [self.special.pad], supervised=True)
+                continue
+            if turn.role not in self._role_header:
+                raise ValueError(f"sample {sample.key}: unknown turn role {turn.role!r}")
             builder.text([self.special.im_start] + self._role_header[turn.role])
             if turn.role == "assistant":
                 builder.text(self._tokens(turn.text) + [self.special.im_end], supervised=True)
@@ -113,7 +168,8 @@ class Encoder:
                 for index, chunk in enumerate(turn.text.split(IMAGE_PLACEHOLDER)):
                     if index > 0:
                         builder.text([self.special.vision_start])
-                        builder.image(self.special.image_pad, next(images), self.spec.merge_size)
+                        grid, keep = next(images)
+                        builder.image(self.special.image_pad, grid, merge, keep)
                         builder.text([self.special.vision_end])
                     if chunk:
                         builder.text(self._tokens(chunk))
@@ -128,7 +184,8 @@ class Encoder:
             input_ids=ids,
             labels=labels,
             position_ids=positions,
-            pixel_values=np.concatenate(patches) if patches else np.zeros((0, self.spec.patch_dim), np.float32),
+            pixel_values=_concat_patches(patches, self.spec.patch_dim),
             image_grid_thw=np.asarray(grids, dtype=np.int64).reshape(-1, 3),
             meta=meta,
+            patch_positions=_concat_positions(patch_positions) if self.sampling.drops else None,
         )

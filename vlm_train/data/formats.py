@@ -1,22 +1,49 @@
-"""Turn a raw webdataset sample (member name -> bytes) into a conversation with images."""
+"""Turn a raw webdataset sample (member name -> bytes) into a conversation with images.
+
+Formats (a source names one, or `auto` detects it from the members):
+- caption: `key.jpg|png|webp` + `key.txt`, or `key.json` with a "caption" (img2dataset's layout);
+- conversation: `key.json` with LLaVA "conversations" and images `key.jpg` or `key.0.jpg`, `key.1.jpg`, ...
+  in placeholder order; `<box>[x1,y1,x2,y2]</box>` / `<point>[x,y]</point>` in the text become 000-999 text;
+- grounding: `key.json` with "phrase" and "box" or "point" (or lists of them), in "pixels" or "normalized";
+- text: `key.json` with "text", or `key.txt` alone when the source says format: text.
+"""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
 
-from vlm_train.data.decode import IMAGE_EXTENSIONS, SkipSample, decode_image, decode_json, decode_text
-from vlm_train.data.grounding import format_box, to_relative
+from vlm_train.data.decode import (
+    IMAGE_EXTENSIONS,
+    SkipSample,
+    decode_image,
+    decode_json,
+    decode_text,
+)
+from vlm_train.data.grounding import (
+    format_box,
+    format_point,
+    to_relative,
+    to_relative_point,
+)
 
 IMAGE_PLACEHOLDER = "<image>"
 CAPTION_PROMPT = "Describe the image."
 GROUNDING_PROMPT = "Where is the {phrase}?"
+POINT_PROMPT = "Point to the {phrase}."
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+         "system": "system"}  # fmt: skip
+
+_NUMBERED_IMAGE = re.compile(r"^(\d+)\.(" + "|".join(IMAGE_EXTENSIONS) + ")$")
+_BOX_TAG = re.compile(r"<box>\s*\[([^\]]*)\]\s*</box>")
+_POINT_TAG = re.compile(r"<point>\s*\[([^\]]*)\]\s*</point>")
 
 
 @dataclass
 class Turn:
-    role: str  # "user" or "assistant"; loss falls on assistant turns only
+    role: str  # system | user | assistant | text (a plain document, no template); loss on assistant and text
     text: str  # user turns hold one IMAGE_PLACEHOLDER per image, in image order
 
 
@@ -32,42 +59,173 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _image_member(raw: dict[str, bytes]) -> bytes:
-    for ext in IMAGE_EXTENSIONS:
-        if ext in raw:
-            return raw[ext]
-    raise SkipSample("missing_image", f"members {sorted(k for k in raw if not k.startswith('__'))}")
+def image_members(raw: dict[str, Any]) -> list[bytes]:
+    """The sample's images in order: `jpg` (one image) or `0.jpg`, `1.jpg`, ... (several)."""
+    numbered = sorted((int(m.group(1)), name) for name in raw if (m := _NUMBERED_IMAGE.match(name)))
+    single = [name for name in IMAGE_EXTENSIONS if name in raw]
+    if numbered and single:
+        raise SkipSample("ambiguous_images", f"both {single[0]} and numbered images")
+    if len(single) > 1:
+        raise SkipSample("ambiguous_images", f"several image members {single}")
+    if numbered and [n for n, _ in numbered] != list(range(len(numbered))):
+        raise SkipSample("ambiguous_images", f"image numbers {[n for n, _ in numbered]} are not 0..{len(numbered) - 1}")
+    return [raw[name] for _, name in numbered] or [raw[name] for name in single]
 
 
-def _caption(key: str, source: str, image: Image.Image, caption: str) -> Sample:
+def _members(raw: dict[str, Any]) -> list[str]:
+    return sorted(k for k in raw if not k.startswith("__"))
+
+
+def detect_format(raw: dict[str, Any], record: dict | None) -> str:
+    """The format a sample's members imply (for sources with format: auto)."""
+    if record is not None and "conversations" in record:
+        return "conversation"
+    if record is not None and (record.get("task") == "grounding" or {"box", "boxes", "point", "points"} & set(record)):
+        return "grounding"
+    if image_members(raw):
+        return "caption"
+    if record is not None and "text" in record:
+        return "text"
+    if "txt" in raw or (record is not None and "caption" in record):
+        raise SkipSample("missing_image", f"members {_members(raw)}")
+    raise SkipSample("unknown_format", f"members {_members(raw)}")
+
+
+def _decode_images(raw: dict[str, Any], max_pixels: int) -> list[Image.Image]:
+    return [decode_image(data, max_pixels) for data in image_members(raw)]
+
+
+def _one_image(raw: dict[str, Any], max_pixels: int) -> Image.Image:
+    members = image_members(raw)
+    if len(members) != 1:
+        raise SkipSample("missing_image" if not members else "image_count_mismatch",
+                         f"expected one image, members {_members(raw)}")  # fmt: skip
+    return decode_image(members[0], max_pixels)
+
+
+def _caption(key: str, source: str, raw: dict[str, Any], record: dict | None, max_pixels: int) -> Sample:
+    if "txt" in raw:
+        caption = decode_text(raw["txt"])
+    elif record is not None and isinstance(record.get("caption"), str):
+        caption = record["caption"].strip()
+    else:
+        raise SkipSample("unknown_format", f"caption sample without txt or json caption, members {_members(raw)}")
     if not caption:
         raise SkipSample("empty_text")
+    image = _one_image(raw, max_pixels)
     turns = [Turn("user", IMAGE_PLACEHOLDER + CAPTION_PROMPT), Turn("assistant", caption)]
     return Sample(key, source, "caption", [image], turns, {"answer": caption})
 
 
-def _grounding(key: str, source: str, image: Image.Image, record: dict) -> Sample:
+def _numbers(value: Any, count: int, what: str) -> list[list[float]]:
+    """One or several groups of `count` numbers."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, (list, tuple)) for v in value):
+        groups = value
+    else:
+        groups = [value]
+    for g in groups:
+        if not isinstance(g, (list, tuple)) or len(g) != count or not all(isinstance(v, (int, float)) for v in g):
+            raise ValueError(f"{what} must be {count} numbers (or a list of such), got {value!r}")
+    return [list(g) for g in groups]
+
+
+def _grounding(key: str, source: str, raw: dict[str, Any], record: dict, max_pixels: int) -> Sample:
+    image = _one_image(raw, max_pixels)
+    box_format = record.get("box_format", "pixels")
     try:
         phrase = str(record["phrase"])
-        box = to_relative(record["box"], image.width, image.height, record.get("box_format", "pixels"))
+        if "box" in record or "boxes" in record:
+            boxes = _numbers(record.get("box", record.get("boxes")), 4, "box")
+            rel = [to_relative(b, image.width, image.height, box_format) for b in boxes]
+            answer, prompt = ";".join(format_box(b) for b in rel), GROUNDING_PROMPT
+            meta: dict[str, Any] = {"box": list(rel[0]), "boxes": [list(b) for b in rel]}
+        else:
+            points = _numbers(record.get("point", record.get("points")), 2, "point")
+            rel_points = [to_relative_point(p, image.width, image.height, box_format) for p in points]
+            answer, prompt = ";".join(format_point(p) for p in rel_points), POINT_PROMPT
+            meta = {"points": [list(p) for p in rel_points]}
     except (KeyError, TypeError, ValueError) as exc:
         raise SkipSample("bad_grounding", repr(exc)) from exc
-    answer = format_box(box)
-    turns = [Turn("user", IMAGE_PLACEHOLDER + GROUNDING_PROMPT.format(phrase=phrase)), Turn("assistant", answer)]
-    return Sample(key, source, "grounding", [image], turns, {"answer": answer, "box": list(box)})
+    turns = [Turn("user", IMAGE_PLACEHOLDER + prompt.format(phrase=phrase)), Turn("assistant", answer)]
+    return Sample(key, source, "grounding", [image], turns, {"answer": answer, **meta})
 
 
-def parse_sample(raw: dict[str, Any], source: str, max_image_pixels: int) -> Sample:
-    """Decode one raw sample; detects the format from its members. Unusable samples raise SkipSample."""
+def _rewrite_tags(text: str, size: tuple[int, int] | None, box_format: str) -> str:
+    """`<box>[...]</box>` and `<point>[...]</point>` -> 000-999 relative text."""
+
+    def numbers(match: re.Match, count: int) -> list[float]:
+        values = [float(v) for v in match.group(1).split(",")]
+        if len(values) != count:
+            raise ValueError(f"{match.group(0)!r} needs {count} numbers")
+        if box_format == "pixels" and size is None:
+            raise ValueError(f"{match.group(0)!r} is in pixels but the sample has no image")
+        return values
+
+    width, height = size or (1, 1)
+    text = _BOX_TAG.sub(lambda m: format_box(to_relative(numbers(m, 4), width, height, box_format)), text)
+    return _POINT_TAG.sub(lambda m: format_point(to_relative_point(numbers(m, 2), width, height, box_format)), text)
+
+
+def _conversation(key: str, source: str, raw: dict[str, Any], record: dict, max_pixels: int) -> Sample:
+    messages = record.get("conversations")
+    if not isinstance(messages, list) or not messages:
+        raise SkipSample("bad_conversation", "'conversations' must be a non-empty list")
+    members = image_members(raw)
+    turns = []
+    for message in messages:
+        if not isinstance(message, dict):
+            raise SkipSample("bad_conversation", f"message is not an object: {message!r}")
+        role = ROLES.get(str(message.get("from", message.get("role", ""))).lower())
+        text = message.get("value", message.get("content"))
+        if role is None or not isinstance(text, str):
+            raise SkipSample("bad_conversation", f"message needs from/role in {sorted(ROLES)} and a text value")
+        turns.append(Turn(role, text))
+    placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns)
+    if placeholders != len(members):
+        raise SkipSample("image_count_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders, {len(members)} images")
+    if not any(t.role == "assistant" for t in turns):
+        raise SkipSample("bad_conversation", "no assistant turn to learn from")
+    if any(t.role != "user" and IMAGE_PLACEHOLDER in t.text for t in turns):
+        raise SkipSample("bad_conversation", f"{IMAGE_PLACEHOLDER} outside a user turn")
+    images = _decode_images(raw, max_pixels)
+    try:
+        size = images[0].size if images else None
+        for turn in turns:
+            turn.text = _rewrite_tags(turn.text, size, record.get("box_format", "normalized"))
+    except ValueError as exc:
+        raise SkipSample("bad_grounding", str(exc)) from exc
+    answer = [t.text for t in turns if t.role == "assistant"][-1]
+    return Sample(key, source, "conversation", images, turns, {"answer": answer})
+
+
+def _text(key: str, source: str, raw: dict[str, Any], record: dict | None) -> Sample:
+    if record is not None and isinstance(record.get("text"), str):
+        text = record["text"].strip()
+    elif "txt" in raw:
+        text = decode_text(raw["txt"])
+    else:
+        raise SkipSample("unknown_format", f"text sample without json text or txt, members {_members(raw)}")
+    if not text:
+        raise SkipSample("empty_text")
+    return Sample(key, source, "text", [], [Turn("text", text)], {"answer": text})
+
+
+def parse_sample(raw: dict[str, Any], source: str, max_image_pixels: int, fmt: str = "auto") -> Sample:
+    """Decode one raw sample in format `fmt` (auto: detected from its members); unusable ones raise SkipSample."""
     key = str(raw.get("__key__", "?"))
-    image = decode_image(_image_member(raw), max_image_pixels)
-    if "json" in raw:
-        record = decode_json(raw["json"])
-        if record.get("task") == "grounding" or "box" in record:
-            return _grounding(key, source, image, record)
-        if "caption" in record:
-            return _caption(key, source, image, str(record["caption"]).strip())
-        raise SkipSample("unknown_format", f"json keys {sorted(record)}")
-    if "txt" in raw:
-        return _caption(key, source, image, decode_text(raw["txt"]))
-    raise SkipSample("unknown_format", f"members {sorted(k for k in raw if not k.startswith('__'))}")
+    if "__error__" in raw:
+        raise SkipSample("bad_member", raw["__error__"])
+    record = decode_json(raw["json"]) if "json" in raw else None
+    if fmt == "auto":
+        fmt = detect_format(raw, record)
+    if fmt == "caption":
+        return _caption(key, source, raw, record, max_image_pixels)
+    if fmt in ("conversation", "grounding") and record is None:
+        raise SkipSample("missing_json", f"a {fmt} sample needs a json member, members {_members(raw)}")
+    if fmt == "conversation":
+        return _conversation(key, source, raw, record, max_image_pixels)
+    if fmt == "grounding":
+        return _grounding(key, source, raw, record, max_image_pixels)
+    if fmt == "text":
+        return _text(key, source, raw, record)
+    raise ValueError(f"unknown sample format {fmt!r}")

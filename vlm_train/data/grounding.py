@@ -41,6 +41,14 @@ def to_relative(box: Sequence[float], width: float, height: float, box_format: s
     return _clamp01(x1 / sx), _clamp01(y1 / sy), _clamp01(x2 / sx), _clamp01(y2 / sy)
 
 
+def to_relative_point(point: Sequence[float], width: float, height: float, box_format: str) -> tuple[float, float]:
+    """Point [x, y] in `box_format` ("pixels" or "normalized") -> relative floats in [0, 1]."""
+    if len(point) != 2:
+        raise ValueError(f"point must have 2 numbers [x, y], got {list(point)!r}")
+    x1, y1, _, _ = to_relative([point[0], point[1], point[0], point[1]], width, height, box_format)
+    return x1, y1
+
+
 def _clamp01(v: float) -> float:
     return min(max(v, 0.0), 1.0)
 

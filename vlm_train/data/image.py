@@ -10,6 +10,9 @@ from PIL import Image
 # CLIP's normalisation, which Qwen2-VL's image processor uses.
 IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+# (x / 255 - mean) / std as one multiply-add, shaped for patches laid out (P, C, t, p*p).
+_SCALE = (1.0 / (255.0 * IMAGE_STD)).astype(np.float32).reshape(1, 3, 1, 1)
+_SHIFT = (-IMAGE_MEAN / IMAGE_STD).astype(np.float32).reshape(1, 3, 1, 1)
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,35 @@ class PatchSpec:
     @property
     def patch_dim(self) -> int:
         return 3 * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclass(frozen=True)
+class ImageSampling:
+    """Per-image randomness, NaViT style: a resolution scale, and token dropping for a share of the images."""
+
+    scale_min: float = 1.0  # image sides scaled by a factor drawn uniformly from [scale_min, scale_max]
+    scale_max: float = 1.0
+    drop_prob: float = 0.0  # share of images that drop merge windows; the rest are seen whole
+    drop_rate_min: float = 0.0  # a dropping image's rate is drawn uniformly from [drop_rate_min, drop_rate_max]
+    drop_rate_max: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ValueError(f"image scale range must satisfy 0 < min <= max, got [{self.scale_min}, {self.scale_max}]")
+        if not 0 <= self.drop_prob <= 1 or not 0 <= self.drop_rate_min <= self.drop_rate_max < 1:
+            raise ValueError(f"token drop needs 0 <= prob <= 1 and 0 <= rate_min <= rate_max < 1, got {self}")
+
+    @property
+    def drops(self) -> bool:
+        return self.drop_prob > 0 and self.drop_rate_max > 0
+
+    def scale(self, rng: np.random.Generator | None) -> float:
+        return 1.0 if rng is None or self.scale_min == self.scale_max == 1.0 else float(rng.uniform(self.scale_min, self.scale_max))
+
+    def drop_rate(self, rng: np.random.Generator | None) -> float:
+        if rng is None or not self.drops or rng.random() >= self.drop_prob:
+            return 0.0
+        return float(rng.uniform(self.drop_rate_min, self.drop_rate_max))
 
 
 def smart_resize(height: int, width: int, spec: PatchSpec) -> tuple[int, int]:
@@ -51,16 +83,48 @@ def smart_resize(height: int, width: int, spec: PatchSpec) -> tuple[int, int]:
     return h, w
 
 
-def image_to_patches(image: Image.Image, spec: PatchSpec) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Resize, normalise and patchify one RGB image; returns ([P, patch_dim] float32, (t, h, w) patch grid)."""
-    height, width = smart_resize(image.height, image.width, spec)
+def scaled_size(height: int, width: int, spec: PatchSpec, scale: float) -> tuple[int, int]:
+    """The smart_resize size with its sides scaled by `scale`, then rounded and bounded again."""
+    h, w = smart_resize(height, width, spec)
+    if scale == 1.0:
+        return h, w
+    return smart_resize(max(1, round(h * scale)), max(1, round(w * scale)), spec)
+
+
+def image_to_patches(
+    image: Image.Image, spec: PatchSpec, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Resize (to `size` = (height, width) if given), normalise and patchify one RGB image;
+    returns ([P, patch_dim] float32, (t, h, w) patch grid)."""
+    height, width = size or smart_resize(image.height, image.width, spec)
+    if height % spec.factor or width % spec.factor:
+        raise ValueError(f"image size {width}x{height} is not a multiple of {spec.factor}")
     if (width, height) != image.size:
         image = image.resize((width, height), Image.BICUBIC)
-    pixels = (np.asarray(image, dtype=np.float32) / 255.0 - IMAGE_MEAN) / IMAGE_STD  # [H, W, C]
-    frames = np.broadcast_to(pixels.transpose(2, 0, 1)[None], (spec.temporal_patch_size, 3, height, width))
     p, m, t = spec.patch_size, spec.merge_size, spec.temporal_patch_size
     grid_h, grid_w = height // p, width // p
-    # (t, C, gh/m, m, p, gw/m, m, p) -> (gh/m, gw/m, m, m, C, t, p, p): each 2x2 merge window is contiguous.
-    patches = frames.reshape(t, 3, grid_h // m, m, p, grid_w // m, m, p)
-    patches = patches.transpose(2, 5, 3, 6, 1, 0, 4, 7)
-    return np.ascontiguousarray(patches.reshape(grid_h * grid_w, spec.patch_dim)), (1, grid_h, grid_w)
+    # Rearrange the uint8 pixels first (a quarter of the bytes of floats), then normalise straight into the output.
+    # (gh/m, m, p, gw/m, m, p, C) -> (gh/m, gw/m, m, m, C, p, p): each 2x2 merge window is contiguous.
+    pixels = np.asarray(image).reshape(grid_h // m, m, p, grid_w // m, m, p, 3)
+    pixels = pixels.transpose(0, 3, 1, 4, 6, 2, 5).reshape(grid_h * grid_w, 3, 1, p * p)
+    normalised = pixels.astype(np.float32)
+    normalised *= _SCALE
+    normalised += _SHIFT
+    out = np.empty((grid_h * grid_w, 3, t, p * p), dtype=np.float32)
+    np.copyto(out, np.broadcast_to(normalised, out.shape))  # the t frames of a still image are the same
+    return out.reshape(grid_h * grid_w, spec.patch_dim), (1, grid_h, grid_w)
+
+
+def window_positions(grid_thw: tuple[int, int, int], merge_size: int) -> np.ndarray:
+    """(row, column) in the patch grid of every patch, in merge order: [P, 2] int64."""
+    _, h, w = grid_thw
+    m = merge_size
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    order = lambda a: a.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+    return np.stack([order(rows), order(cols)], axis=1).astype(np.int64)
+
+
+def kept_windows(num_windows: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices (ascending) of the merge windows an image keeps when `rate` of them are dropped; at least one stays."""
+    keep = max(1, num_windows - int(rate * num_windows))
+    return np.sort(rng.choice(num_windows, size=keep, replace=False)) if keep < num_windows else np.arange(num_windows)

@@ -1,14 +1,19 @@
-"""The streaming pipeline: shards -> samples -> mixture -> encode -> packer -> PackedBatch."""
+"""The streaming pipeline of one rank: shards -> samples -> mixture -> encode -> packer -> PackedBatch.
+
+Each loader worker of each rank is a reader slot with its own shards (see sharding.py) and its own SlotStream.
+Workers are read in a fixed round-robin, and each pack carries its worker's state, so the main process always
+knows the state of every worker as of the last pack it handed out. The stream never ends: a slot that finishes
+its share of an epoch goes on into the next, so every rank yields the same number of packs per step, and no
+rank waits on another at an epoch end, whatever the shard sizes.
+"""
 from __future__ import annotations
 
+import ctypes
 import logging
-import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm_train.data.batch import PackedBatch
@@ -16,137 +21,229 @@ from vlm_train.data.config import DataConfig
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import Encoder
 from vlm_train.data.formats import Sample, parse_sample
-from vlm_train.data.packer import Packer, collate
+from vlm_train.data.packer import collate
+from vlm_train.data.sharding import reader_slot
+from vlm_train.data.shards import ShardError, iter_shard
+from vlm_train.data.sources import Source, expand_urls
+from vlm_train.data.stream import SlotStream
+
+__all__ = ["PackedLoader", "PackedStream", "Source", "build_loader", "expand_urls", "iter_samples",
+           "pack_for_generation"]  # fmt: skip
 
 log = logging.getLogger(__name__)
+LOADER_STATE_VERSION = 1
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
-@dataclass
-class Source:
-    name: str
-    urls: list[str]
-    weight: float = 1.0
-
-
-def expand_urls(urls: str | list[str]) -> list[str]:
-    """Expand brace patterns; `pipe:` URLs run shell commands and are refused."""
-    expanded = wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
-    for url in expanded:
-        if url.startswith("pipe:"):
-            raise ValueError(f"refusing shell-command URL {url!r}")
-    return expanded
-
-
-def iter_raw_samples(urls: list[str], on_error) -> Iterator[dict[str, Any]]:
-    """Read tar shards with webdataset; `on_error(exc)` sees broken shards, and reading goes on."""
-
-    def handler(exc: Exception) -> bool:
-        on_error(exc)
-        return True
-
-    yield from wds.tarfile_samples(({"url": url} for url in urls), handler=handler)
-
-
-def iter_samples(urls: list[str], source: str, max_decode_pixels: int) -> Iterator[Sample]:
+def iter_samples(urls: list[str], source: str, max_decode_pixels: int, fmt: str = "auto") -> Iterator[Sample]:
     """Decoded samples of the shards in order; unusable ones are logged and skipped (for evaluation)."""
-    for raw in iter_raw_samples(urls, on_error=lambda exc: log.warning("shard error: %s", exc)):
+    for url in urls:
         try:
-            yield parse_sample(raw, source, max_decode_pixels)
-        except SkipSample as exc:
-            log.warning("skipping %s: %s", raw.get("__key__"), exc)
+            for raw in iter_shard(url):
+                try:
+                    yield parse_sample(raw, source, max_decode_pixels, fmt)
+                except SkipSample as exc:
+                    log.warning("skipping %s: %s", raw.get("__key__"), exc)
+        except ShardError as exc:
+            log.warning("%s", exc)
+
+
+def _reuse_freed_memory() -> None:
+    """In the process that makes packs (glibc only): keep freed buffers for reuse rather than give them back.
+
+    Every pack allocates its patches anew (~100 MB at 512 px); returned to the OS and faulted in again, fresh
+    pages cost more than filling them, so a worker spent a third of its time in page faults.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31)
 
 
 class PackedStream(IterableDataset):
-    """Endless packs for one data-parallel rank; each loader worker reads a disjoint part of every source."""
+    """Endless packs for one data-parallel rank; each loader worker runs the SlotStream of its reader slot."""
 
     def __init__(self, sources: list[Source], encoder: Encoder, cfg: DataConfig, seed: int, rank: int, world_size: int):
         if not sources:
             raise ValueError("data.sources is empty: name at least one source (or set data.use_synthetic=true)")
+        names = [s.name for s in sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data source names must be unique, got {names}")
         for source in sources:
-            if not source.urls:
-                raise ValueError(f"data source {source.name!r} has no shards")
-            if source.weight <= 0:
-                raise ValueError(f"data source {source.name!r}: weight must be positive, got {source.weight}")
+            source.__post_init__()  # a Source edited after construction is checked again
+        reader_slot(rank, world_size, 0, 1)
         self.sources = sources
         self.encoder = encoder
         self.cfg = cfg
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        # Set by PackedLoader before it starts workers: where each worker resumes, and which worker goes first.
+        self.weights = [s.weight for s in sources]
+        self.worker_states: list[dict[str, Any] | None] | None = None
+        self.worker_offset = 0
 
-    def _reader_slot(self) -> tuple[int, int]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.rank * workers + worker, self.world_size * workers
-
-    def _source_samples(self, source: Source, slot: int, slots: int, skipped: Counter) -> Iterator[dict]:
-        """Raw samples of one source for this reader, epoch after epoch, shards reshuffled per epoch."""
-        epoch = 0
-        while True:
-            shards = list(source.urls)
-            random.Random(f"{self.seed}/{source.name}/{epoch}").shuffle(shards)
-            # Enough shards: each reader takes whole shards. Too few: every reader scans all, keeping every n-th sample.
-            by_shard = len(shards) >= slots
-            mine = shards[slot::slots] if by_shard else shards
-            rng = random.Random(f"{self.seed}/{source.name}/{epoch}/{slot}")
-            buffer: list[dict] = []
-            produced = 0
-
-            def count_shard_error(exc: Exception) -> None:
-                skipped[f"{source.name}/shard_error"] += 1
-                log.warning("source %s: shard error (skipped the rest of it): %s", source.name, exc)
-
-            for index, raw in enumerate(iter_raw_samples(mine, count_shard_error)):
-                if not by_shard and index % slots != slot:
-                    continue
-                buffer.append(raw)
-                if len(buffer) >= self.cfg.shuffle_buffer:
-                    produced += 1
-                    yield buffer.pop(rng.randrange(len(buffer)))
-            rng.shuffle(buffer)
-            produced += len(buffer)
-            yield from buffer
-            if produced == 0:
-                raise RuntimeError(f"data source {source.name!r}: no readable sample in an epoch of {len(mine)} shards")
-            epoch += 1
+    def slot_stream(self, worker: int, num_workers: int) -> SlotStream:
+        """The stream of one loader worker (num_workers=0 counts as one worker, in the main process)."""
+        slot, slots = reader_slot(self.rank, self.world_size, worker, num_workers)
+        stream = SlotStream(self.sources, self.encoder, self.cfg, self.seed, slot, slots, self.weights)
+        state = self.worker_states[worker] if self.worker_states else None
+        if state is not None:
+            stream.load_state_dict(state)
+            stream.set_weights(self.weights)
+        return stream
 
     def __iter__(self) -> Iterator[PackedBatch]:
-        slot, slots = self._reader_slot()
-        skipped: Counter = Counter()
-        streams = {s.name: self._source_samples(s, slot, slots, skipped) for s in self.sources}
-        mixture = random.Random(f"{self.seed}/mixture/{slot}")
-        weights = [s.weight for s in self.sources]
-        packer = Packer(self.cfg.pack)
-        failures = 0
+        info = get_worker_info()
+        loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:
+            _reuse_freed_memory()
+        worker = (loader_worker + self.worker_offset) % workers
+        stream = self.slot_stream(worker, workers)
         while True:
-            source = mixture.choices(self.sources, weights)[0]
-            raw = next(streams[source.name])
-            try:
-                sample = parse_sample(raw, source.name, self.cfg.image.max_decode_pixels)
-                packs = packer.add(self.encoder.encode(sample))
-                failures = 0
-            except SkipSample as exc:
-                skipped[f"{source.name}/{exc.reason}"] += 1
-                failures += 1
-                if failures > self.cfg.max_consecutive_failures:
-                    raise RuntimeError(
-                        f"{failures} samples in a row failed; last: shard {raw.get('__url__')} key {raw.get('__key__')}: {exc}"
-                    ) from exc
-                continue
-            for pack in packs:
-                yield collate(pack, dict(skipped))
-                skipped.clear()
+            pack = stream.next_pack()
+            pack.loader_state = {"worker": worker, "state": stream.state_dict()}
+            yield pack
 
 
-def build_loader(stream: PackedStream, num_workers: int) -> DataLoader:
-    """A DataLoader over packs (each item is one PackedBatch)."""
-    return DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+class PackedLoader:
+    """Packs of one rank from `num_workers` worker processes (or the main process for 0), with exact state.
+
+    `state_dict()` is the state after the last pack returned; `load_state_dict()` continues from there.
+    `set_weights()` changes the source mixture from the next pack on (a curriculum stage's override).
+    """
+
+    def __init__(self, stream: PackedStream, num_workers: int, prefetch_factor: int = 4):
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        self.stream = stream
+        self.num_workers = num_workers
+        self.workers = max(num_workers, 1)
+        self.prefetch_factor = prefetch_factor
+        self.weights = [s.weight for s in stream.sources]
+        self.worker_states: list[dict[str, Any] | None] = [None] * self.workers
+        self.next_worker = 0
+        self._local: SlotStream | None = None
+        self._it: Iterator[PackedBatch] | None = None
+
+    def __iter__(self) -> PackedLoader:
+        return self
+
+    def __next__(self) -> PackedBatch:
+        if self.num_workers == 0:
+            if self._local is None:
+                _reuse_freed_memory()
+                self._local = self._prepared_stream().slot_stream(0, 1)
+            return self._local.next_pack()
+        if self._it is None:
+            self._it = iter(self._dataloader())
+        pack = next(self._it)
+        info, pack.loader_state = pack.loader_state, None
+        if info["worker"] != self.next_worker:
+            raise RuntimeError(f"loader worker {info['worker']} answered out of turn (expected {self.next_worker})")
+        self.worker_states[info["worker"]] = info["state"]
+        self.next_worker = (self.next_worker + 1) % self.workers
+        return pack
+
+    def _prepared_stream(self) -> PackedStream:
+        self.stream.weights = list(self.weights)
+        self.stream.worker_states = list(self.worker_states)
+        self.stream.worker_offset = self.next_worker
+        return self.stream
+
+    def _dataloader(self) -> DataLoader:
+        # Workers answer strictly in turn (in_order), starting from the worker whose turn is next.
+        return DataLoader(self._prepared_stream(), batch_size=None, num_workers=self.num_workers,
+                          prefetch_factor=self.prefetch_factor, in_order=True)  # fmt: skip
+
+    def close(self) -> None:
+        """Stop the worker processes (they restart from the saved state on the next pack)."""
+        if self._local is not None:
+            self.worker_states[0] = self._local.state_dict()
+            self._local = None
+        self._it = None  # dropping the iterator shuts its workers down
+
+    # ---- mixture -----------------------------------------------------------------------------------------------
+
+    def set_weights(self, weights: dict[str, float] | None) -> None:
+        """Mix sources by `weights` (name -> weight; unnamed sources drop out) from the next pack on;
+        None restores the configured weights. Part of the state."""
+        names = [s.name for s in self.stream.sources]
+        if weights is None:
+            new = [s.weight for s in self.stream.sources]
+        else:
+            unknown = sorted(set(weights) - set(names))
+            if unknown:
+                raise ValueError(f"mixture names unknown data sources {unknown}; the sources are {names}")
+            new = [float(weights.get(name, 0.0)) for name in names]
+            if min(new) < 0 or sum(new) <= 0:
+                raise ValueError(f"mixture weights {weights} must be non-negative and not all zero")
+        self.weights = new
+        if self._local is not None:
+            self._local.set_weights(new)
+        elif self._it is not None:
+            self.close()  # workers restart from the last state handed out, now with the new weights
+
+    def mixture(self) -> dict[str, float]:
+        return {s.name: w for s, w in zip(self.stream.sources, self.weights)}
+
+    # ---- state -------------------------------------------------------------------------------------------------
+
+    def skipped(self) -> dict[str, int]:
+        """Every skip so far on this rank, as "source/reason" -> count (restored with the state)."""
+        total: Counter = Counter()
+        for state in self._states():
+            if state is not None:
+                total.update(state["skipped"])
+        return dict(total)
+
+    def _states(self) -> list[dict[str, Any] | None]:
+        if self._local is not None:
+            return [self._local.state_dict()]
+        return list(self.worker_states)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state of this rank's loader: every worker, the turn, and the mixture."""
+        return {
+            "version": LOADER_STATE_VERSION,
+            "seed": self.stream.seed,
+            "rank": self.stream.rank,
+            "world_size": self.stream.world_size,
+            "workers": self.workers,
+            "next_worker": self.next_worker,
+            "weights": self.mixture(),
+            "worker_states": self._states(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state`; the world size, worker count and seed must be the ones it was saved with."""
+        if state.get("version") != LOADER_STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {LOADER_STATE_VERSION}")
+        saved = (state["world_size"], state["workers"])
+        if saved != (self.stream.world_size, self.workers):
+            raise ValueError(
+                f"loader state was saved with world_size={saved[0]} and {saved[1]} loader worker(s) per rank, but this "
+                f"run has world_size={self.stream.world_size} and {self.workers}: the shard split depends on both, so "
+                "resume with the same number of ranks and data.num_workers (0 and 1 count alike)"
+            )
+        if state["rank"] != self.stream.rank:
+            raise ValueError(f"loader state of rank {state['rank']} given to rank {self.stream.rank}")
+        if state["seed"] != self.stream.seed:
+            raise ValueError(f"loader state was saved with seed {state['seed']}, this run has {self.stream.seed}")
+        names = [s.name for s in self.stream.sources]
+        if sorted(state["weights"]) != sorted(names):
+            raise ValueError(f"loader state has sources {sorted(state['weights'])} but the config has {sorted(names)}")
+        self.close()
+        self.weights = [float(state["weights"][name]) for name in names]
+        self.worker_states = list(state["worker_states"])
+        self.next_worker = int(state["next_worker"])
+
+
+def build_loader(stream: PackedStream, num_workers: int) -> PackedLoader:
+    """An endless iterator over packs (each item is one PackedBatch) with state_dict()/load_state_dict()."""
+    return PackedLoader(stream, num_workers)
 
 
 def pack_for_generation(encoder: Encoder, samples: list[Sample]) -> PackedBatch:

@@ -1,11 +1,14 @@
 """Tokenizers: the built-in tiny byte-level BPE, or any Hugging Face tokenizer from a local folder."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
 
 # Qwen2-VL's special tokens, so templates and checkpoints line up with that family.
 PAD = "<|endoftext|>"
@@ -69,7 +72,21 @@ def load_tokenizer(spec: str, corpus: list[str] | None = None) -> PreTrainedToke
     path = os.path.expanduser(spec)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"data.tokenizer={spec!r}: not 'tiny' and not a local tokenizer folder")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    added = add_missing_special_tokens(tokenizer)
+    if added:
+        log.warning("tokenizer %s lacked %s: added them as new special tokens (the model's vocabulary grows to %d)",
+                    path, added, len(tokenizer))  # fmt: skip
+    return tokenizer
+
+
+def add_missing_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Give a tokenizer of another family the chat-template tokens it lacks; returns those added."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    return missing
 
 
 def special_ids(tokenizer: PreTrainedTokenizerBase) -> SpecialIds:

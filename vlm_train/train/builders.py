@@ -14,6 +14,7 @@ from vlm_train.data.loader import PackedStream, Source, expand_urls
 from vlm_train.data.synthetic import corpus_lines, ensure_synthetic_shards
 from vlm_train.data.tokenizer import load_tokenizer
 from vlm_train.model.config import ModelConfig
+from vlm_train.model.hf import apply_hf_init
 from vlm_train.model.vlm import VLM
 
 
@@ -39,8 +40,8 @@ def patch_spec(model: ModelConfig, data: DataConfig) -> PatchSpec:
 
 def build_data(data: DataConfig, model: ModelConfig) -> DataSetup:
     """Make (or reuse) the synthetic shards if asked, load the tokenizer, and list the sources."""
-    sources = [Source(s.name, expand_urls(s.urls), s.weight) for s in data.sources]
-    heldout = expand_urls(data.heldout_urls) if data.heldout_urls else []
+    sources = [Source(s.name, expand_urls(s.urls, data.allow_pipe), s.weight, s.format) for s in data.sources]
+    heldout = expand_urls(data.heldout_urls, data.allow_pipe) if data.heldout_urls else []
     if data.use_synthetic:
         shards = ensure_synthetic_shards(data.synthetic)
         sources.append(Source("shapes", shards.train_urls))
@@ -50,7 +51,7 @@ def build_data(data: DataConfig, model: ModelConfig) -> DataSetup:
         if missing:
             raise FileNotFoundError(f"data source {source.name!r}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
     tokenizer = load_tokenizer(data.tokenizer, corpus=corpus_lines())
-    encoder = Encoder(tokenizer, patch_spec(model, data))
+    encoder = Encoder(tokenizer, patch_spec(model, data), data.image.sampling(), data.system_prompt)
     return DataSetup(tokenizer, encoder, sources, heldout)
 
 
@@ -64,7 +65,9 @@ def build_model(model: ModelConfig, setup: DataSetup) -> VLM:
     vocab_size = model.llm.vocab_size or tokens
     if vocab_size < tokens:
         raise ValueError(f"model.llm.vocab_size={vocab_size} is smaller than the tokenizer ({tokens} tokens)")
-    return VLM(model, vocab_size=vocab_size, image_token_id=setup.encoder.special.image_pad)
+    vlm = VLM(model, vocab_size=vocab_size, image_token_id=setup.encoder.special.image_pad)
+    apply_hf_init(vlm, model)  # model.init_*_from_hf: start from released Hugging Face weights
+    return vlm
 
 
 def pick_device(name: str) -> torch.device:

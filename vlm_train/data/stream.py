@@ -1,0 +1,157 @@
+"""The packs of one reader slot (one loader worker of one rank): mixture -> decode -> encode -> packer.
+
+Everything it holds is a plain JSON-able state: source cursors, shuffle and packing buffers as restore keys, and
+generator states. Restoring re-reads only the buffered samples (by byte offset where it can) and the shards the
+cursors were in, then re-encodes them; per-sample randomness comes from the sample's restore key, so the packs
+that follow are the same as in an uninterrupted run.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from vlm_train.data.batch import PackedBatch
+from vlm_train.data.config import DataConfig
+from vlm_train.data.decode import SkipSample
+from vlm_train.data.encode import EncodedSample, Encoder
+from vlm_train.data.formats import parse_sample
+from vlm_train.data.packer import Packer, collate
+from vlm_train.data.shards import fetch_samples
+from vlm_train.data.sources import Source, SourceReader
+from vlm_train.data.state import find_restore_keys, new_rng, rng_from_state, rng_state, sample_rng
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+def _ref(key: dict[str, Any]) -> tuple[str, int]:
+    return key["url"], int(key["index"])
+
+
+class SlotStream:
+    """Endless packs of one reader slot, with `state_dict()` / `load_state_dict()`."""
+
+    def __init__(self, sources: list[Source], encoder: Encoder, cfg: DataConfig, seed: int, slot: int, slots: int,
+                 weights: list[float] | None = None):  # fmt: skip
+        self.sources = sources
+        self.encoder = encoder
+        self.cfg = cfg
+        self.seed, self.slot, self.slots = seed, slot, slots
+        self.readers = [SourceReader(s, slot, slots, seed, cfg.shuffle_buffer, self._count) for s in sources]
+        self.mixture = new_rng(seed, "mixture", slot)
+        self.weights = list(weights) if weights is not None else [s.weight for s in sources]
+        self.packer = Packer(cfg.pack, special=encoder.special)
+        self.pending: list[list[EncodedSample]] = []  # packs formed but not handed out yet
+        self.failures = 0  # consecutive skipped samples
+        self.skipped: Counter = Counter()  # every skip so far, as "source/reason"
+        self._since_pack: Counter = Counter()
+        self.packs = 0
+
+    def set_weights(self, weights: list[float]) -> None:
+        """New mixture weights (one per source, in order), from the next sample on."""
+        if len(weights) != len(self.sources) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"mixture weights {weights} must be one non-negative number per source, not all zero")
+        self.weights = [float(w) for w in weights]
+
+    def _count(self, source: str, reason: str) -> None:
+        self.skipped[f"{source}/{reason}"] += 1
+        self._since_pack[f"{source}/{reason}"] += 1
+
+    def next_pack(self) -> PackedBatch:
+        """The next pack; the skips since the previous pack ride along in `skipped`."""
+        while not self.pending:
+            self._step()
+        samples = self.pending.pop(0)
+        batch = collate(samples, dict(self._since_pack), image_token_id=self.encoder.special.image_pad)
+        self._since_pack.clear()
+        self.packs += 1
+        return batch
+
+    def _step(self) -> None:
+        p = np.asarray(self.weights) / sum(self.weights)
+        index = int(self.mixture.choice(len(p), p=p))
+        raw = self.readers[index].next()
+        source = self.sources[index]
+        try:
+            encoded = self._encode(source, raw)
+            packs = self.packer.add(encoded)
+        except Exception as exc:  # a bad sample must never stop the run: count it, and give up only on a long run
+            reason = exc.reason if isinstance(exc, SkipSample) else "unexpected_error"
+            if not isinstance(exc, SkipSample):
+                log.warning("source %s: unexpected error on %s of %s", source.name, raw.get("__key__"),
+                            raw.get("__url__"), exc_info=True)  # fmt: skip
+            self._count(source.name, reason)
+            self.failures += 1
+            if self.failures > self.cfg.max_consecutive_failures:
+                raise RuntimeError(
+                    f"{self.failures} samples in a row failed (data.max_consecutive_failures="
+                    f"{self.cfg.max_consecutive_failures}); last: source {source.name} shard {raw.get('__url__')} "
+                    f"key {raw.get('__key__')}: {exc}"
+                ) from exc
+            return
+        self.failures = 0
+        self.pending.extend(packs)
+
+    def _encode(self, source: Source, raw: dict[str, Any]) -> EncodedSample:
+        key = raw["__restore__"]
+        sample = parse_sample(raw, source.name, self.cfg.image.max_decode_pixels, source.format)
+        encoded = self.encoder.encode(sample, rng=sample_rng(self.seed, key))
+        encoded.meta["restore_key"] = key
+        return encoded
+
+    # ---- state -------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The slot's position as plain JSON-able data (taken between packs)."""
+        return {
+            "version": STATE_VERSION,
+            "slot": self.slot,
+            "slots": self.slots,
+            "readers": {r.source.name: r.state_dict() for r in self.readers},
+            "mixture": rng_state(self.mixture),
+            "weights": list(self.weights),
+            "packer": self.packer.state_dict(),
+            "pending": [[s.meta["restore_key"] for s in pack] for pack in self.pending],
+            "failures": self.failures,
+            "skipped": dict(self.skipped),
+            "packs": self.packs,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where `state` was taken; reads again only the buffered samples."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        if (state["slot"], state["slots"]) != (self.slot, self.slots):
+            raise ValueError(f"loader state is for reader slot {state['slot']} of {state['slots']}, "
+                             f"not {self.slot} of {self.slots}")  # fmt: skip
+        names = [s.name for s in self.sources]
+        if sorted(state["readers"]) != sorted(names):
+            raise ValueError(f"loader state has sources {sorted(state['readers'])} but the config has {sorted(names)}: "
+                             "resume with the same data.sources")  # fmt: skip
+        reader_keys = [k for r in self.readers for k in state["readers"][r.source.name]["buffer"]]
+        other_keys = find_restore_keys(state["packer"]) + [k for pack in state["pending"] for k in pack]
+        raws = dict(zip(map(_ref, reader_keys + other_keys), fetch_samples(reader_keys + other_keys)))
+        for reader in self.readers:
+            reader_state = state["readers"][reader.source.name]
+            reader.load_state_dict(reader_state, [raws[_ref(k)] for k in reader_state["buffer"]])
+        by_name = {s.name: s for s in self.sources}
+
+        def resolve(key: dict[str, Any]) -> EncodedSample:
+            try:
+                return self._encode(by_name[key["source"]], {**raws[_ref(key)], "__restore__": key})
+            except SkipSample as exc:
+                raise ValueError(f"loader state: buffered sample {key} no longer encodes ({exc}); "
+                                 "did the data or the data config change?") from exc  # fmt: skip
+
+        self.packer = Packer(self.cfg.pack, special=self.encoder.special)
+        self.packer.load_state_dict(state["packer"], resolve)
+        self.pending = [[resolve(k) for k in pack] for pack in state["pending"]]
+        self.mixture = rng_from_state(state["mixture"])
+        self.weights = [float(w) for w in state["weights"]]
+        self.failures = int(state["failures"])
+        self.skipped = Counter(state["skipped"])
+        self._since_pack = Counter()
+        self.packs = int(state["packs"])

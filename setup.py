@@ -8,7 +8,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vlm_train", "vlm_train.*"]) + ["vlm_train.conf"],
     package_dir={"vlm_train.conf": "conf"},
-    package_data={"vlm_train.conf": ["*.yaml", "*/*.yaml"]},
+    package_data={"vlm_train.conf": ["*.yaml", "*/*.yaml", "*/*/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.15",
@@ -23,7 +23,7 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "dev": ["pytest>=7"],
+        "dev": ["pytest>=7", "matplotlib>=3.7"],
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["vlm-train=vlm_train.train.main:main"]},

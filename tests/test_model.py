@@ -121,7 +121,7 @@ def test_output_shapes():
     assert out.hidden.shape == (batch.num_tokens, 128)
     assert out.logits.shape == (batch.num_tokens, VOCAB)
     assert model(batch, return_logits=False).logits is None
-    images = model.encode_images(batch.pixel_values, batch.image_grid_thw, batch.vit_cu_seqlens, batch.vit_max_seqlen)
+    images = model.encode_images(batch.pixel_values, batch.image_grid_thw)
     assert images.shape == (24 // 4, 128)
 
 
@@ -146,7 +146,7 @@ def test_vit_output_of_an_image_does_not_depend_on_other_images():
 
 
 def _vit_inputs(batch: PackedBatch):
-    return batch.pixel_values, batch.image_grid_thw, batch.vit_cu_seqlens, batch.vit_max_seqlen
+    return batch.pixel_values, batch.image_grid_thw
 
 
 def test_pack_without_images_gives_zero_grads_to_vision_and_projector():
@@ -273,7 +273,7 @@ def test_vision_tower_and_merger_match_hf_qwen2_5_vl():
         intermediate_size=vcfg.intermediate_size, out_hidden_size=128, patch_size=vcfg.patch_size,
         temporal_patch_size=vcfg.temporal_patch_size, in_channels=vcfg.in_channels,
         spatial_merge_size=vcfg.spatial_merge_size, window_size=56,
-        fullatt_block_indexes=list(range(vcfg.depth)),  # our tower has no window attention yet
+        fullatt_block_indexes=list(range(vcfg.depth)),  # windows off (tiny config): every block attends in full
     )
     hf_cfg._attn_implementation = "eager"
     hf = hf_vl.Qwen2_5_VisionTransformerPretrainedModel(hf_cfg).eval()
@@ -289,3 +289,115 @@ def test_vision_tower_and_merger_match_hf_qwen2_5_vl():
         expected = hf(batch.pixel_values, grid_thw=batch.image_grid_thw).pooler_output
         got = model.encode_images(*_vit_inputs(batch))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- window attention and token dropping
+
+from vlm_train.model.vision_layout import pack_keep, random_keep, vision_layout  # noqa: E402
+
+
+def _window_model(full_blocks: list[int], seed: int = 0) -> VLM:
+    # Windows of 56 px = 2x2 merge units = 4x4 patches.
+    vision = VisionConfig(hidden_size=32, depth=2, num_heads=2, intermediate_size=48, window_size=56,
+                          fullatt_block_indexes=full_blocks)
+    return make_model(ModelConfig(vision=vision, llm=LLMConfig(), attn_backend="sdpa"), seed)
+
+
+def test_window_layout_partitions_each_image_into_windows():
+    grid = torch.tensor([[1, 8, 12], [1, 2, 6]])  # 4x6 units -> 2x3 windows of 4 units; 1x3 units -> 2 windows
+    layout = vision_layout(grid, merge=2, window_units=2)
+    assert layout.segment_lengths(windowed=False) == [96, 12]
+    assert layout.segment_lengths(windowed=True) == [16] * 6 + [8, 4]
+    assert sorted(layout.window_order.tolist()) == list(range(27))  # a permutation of all units
+    # First window of the first image: units (0,0), (0,1), (1,0), (1,1) of its 4x6 unit grid.
+    assert layout.window_order[:4].tolist() == [0, 1, 6, 7]
+
+
+def test_windowed_blocks_keep_windows_independent():
+    model = _window_model(full_blocks=[])  # every block windowed
+    batch = pack([make_sample([("image", 8, 12)], 1)])
+    pixels = batch.pixel_values.clone()
+    with torch.no_grad():
+        before = model.vision(pixels, batch.image_grid_thw)
+        pixels[:4] += 1.0  # unit 0, which lies in window 0 with units 1, 6, 7
+        after = model.vision(pixels, batch.image_grid_thw)
+    changed = (after - before).abs().amax(-1).view(-1, 4).amax(-1) > 1e-6  # per unit
+    assert changed.nonzero().squeeze(1).tolist() == [0, 1, 6, 7]
+
+
+def test_token_dropping_skips_dropped_windows_and_accepts_full_or_kept_pixels():
+    model = _window_model(full_blocks=[1])
+    batch = pack([make_sample([("image", 8, 12)], 1), make_sample([("image", 4, 6)], 2)])
+    keep = random_keep(batch.image_grid_thw, 2, drop_rate=0.5, generator=torch.Generator().manual_seed(0))
+    assert keep.shape == (30,) and int(keep.sum()) == 15
+    kept_pixels = batch.pixel_values[keep.repeat_interleave(4)]
+    with torch.no_grad():
+        from_all = model.encode_images(batch.pixel_values, batch.image_grid_thw, keep)
+        from_kept = model.encode_images(kept_pixels, batch.image_grid_thw, keep)
+        noisy = batch.pixel_values.clone()
+        noisy[~keep.repeat_interleave(4)] = 100.0  # dropped patches must not matter
+        from_noisy = model.encode_images(noisy, batch.image_grid_thw, keep)
+        everything = model.encode_images(batch.pixel_values, batch.image_grid_thw, torch.ones(30, dtype=torch.bool))
+        reference = model.encode_images(batch.pixel_values, batch.image_grid_thw)
+    assert from_all.shape == (15, 128)
+    torch.testing.assert_close(from_kept, from_all, atol=0, rtol=0)
+    torch.testing.assert_close(from_noisy, from_all, atol=0, rtol=0)
+    torch.testing.assert_close(everything, reference, atol=0, rtol=0)
+    assert not torch.allclose(from_all, reference[keep], atol=1e-4)  # dropped patches were really left out
+    with pytest.raises(ValueError, match="one flag per merge window"):
+        model.encode_images(batch.pixel_values, batch.image_grid_thw, keep[:-1])
+    with pytest.raises(ValueError, match="kept after token dropping"):
+        model.encode_images(kept_pixels[4:], batch.image_grid_thw, keep)
+
+
+def _dropping_pack(seed: int = 0):
+    """A real pack from the data pipeline with half of each image's merge windows dropped, and the same undropped."""
+    import numpy as np
+
+    from helpers import SPEC, sample, tiny_tokenizer
+    from vlm_train.data.encode import Encoder
+    from vlm_train.data.image import ImageSampling
+    from vlm_train.data.packer import collate
+
+    sampling = ImageSampling(drop_prob=1.0, drop_rate_min=0.5, drop_rate_max=0.5)
+    enc = Encoder(tiny_tokenizer(), SPEC, sampling)
+    rng = np.random.default_rng(seed)
+    samples = [sample(f"s{i}", "a red circle", images=n, seed=i) for i, n in enumerate((2, 0, 1))]
+    dropped = collate([enc.encode(s, rng=rng) for s in samples], image_token_id=enc.special.image_pad)
+    whole = collate([Encoder(tiny_tokenizer(), SPEC).encode(s) for s in samples])
+    return dropped, whole, enc.special.image_pad
+
+
+def test_packs_with_dropped_windows_run_and_ignore_what_was_dropped():
+    batch, whole, image_pad = _dropping_pack()
+    assert batch.patch_positions is not None
+    vision = VisionConfig(hidden_size=32, depth=2, num_heads=2, intermediate_size=48, window_size=56,
+                          fullatt_block_indexes=[1])
+    torch.manual_seed(0)
+    model = VLM(ModelConfig(vision=vision, attn_backend="sdpa"), vocab_size=int(batch.input_ids.max()) + 1,
+                image_token_id=image_pad).eval()
+    full = int(batch.image_grid_thw.prod(-1).sum())
+    assert batch.num_patches < full and int((batch.input_ids == image_pad).sum()) * 4 == batch.num_patches
+    keep = pack_keep(batch, 2)
+    with torch.no_grad():
+        logits = model(batch).logits
+        direct = model.encode_images(batch.pixel_values, batch.image_grid_thw, keep)
+    assert logits.shape == (batch.num_tokens, model.cfg.llm.vocab_size) and torch.isfinite(logits).all()
+    assert direct.shape == (batch.num_patches // 4, 128)
+    with torch.no_grad():  # the windows the mask names are the ones the data side kept
+        from_whole = model.encode_images(whole.pixel_values, whole.image_grid_thw, keep)
+    torch.testing.assert_close(from_whole, direct, atol=0, rtol=0)
+    shuffled = batch.patch_positions.clone()
+    shuffled[[0, 1]] = shuffled[[1, 0]]  # no longer merge order
+    batch.patch_positions = shuffled
+    with pytest.raises(ValueError, match="merge order"):
+        model(batch)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_logits():
+    batch = pack([make_sample(WITH_IMAGE, 1), make_sample(TEXT, 2)])
+    eager = make_model()
+    compiled = make_model(dataclasses.replace(tiny_config(), compile=True))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(batch).logits, eager(batch).logits, atol=1e-5, rtol=1e-5)

@@ -1,6 +1,7 @@
 """The model: NaViT vision tower -> patch merger -> decoder LM, all over packed varlen sequences."""
 from .attention import ATTENTION_BACKENDS, resolve_backend, varlen_attention
 from .config import LLMConfig, ModelConfig, VisionConfig
+from .flops import PackFlops, pack_flops
 from .llm import DecoderLM
 from .projector import PatchMerger
 from .vit import VisionTransformer
@@ -11,11 +12,13 @@ __all__ = [
     "DecoderLM",
     "LLMConfig",
     "ModelConfig",
+    "PackFlops",
     "PatchMerger",
     "VLM",
     "VLMOutput",
     "VisionConfig",
     "VisionTransformer",
+    "pack_flops",
     "resolve_backend",
     "varlen_attention",
 ]

@@ -22,10 +22,23 @@ class VisionConfig:
     spatial_merge_size: int = 2
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    # Qwen2.5-VL window attention: blocks not listed in fullatt_block_indexes attend within windows of
+    # window_size x window_size pixels (112 in Qwen2.5-VL); 0 turns windows off, every block attends per image.
+    window_size: int = 0
+    fullatt_block_indexes: list[int] = field(default_factory=list)
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def window_units(self) -> int:
+        """Window side in merge units (LLM tokens); 0 when window attention is off."""
+        return self.window_size // (self.patch_size * self.spatial_merge_size)
+
+    def uses_window(self, block: int) -> bool:
+        """Whether block `block` attends within windows rather than over the whole image."""
+        return self.window_size > 0 and block not in self.fullatt_block_indexes
 
     @property
     def patch_dim(self) -> int:
@@ -43,6 +56,20 @@ class VisionConfig:
             # head_dim/2 rotary dims per axis (h, w), each rotated in pairs.
             raise ValueError(f"vision head_dim (hidden_size/num_heads = {self.head_dim}) must be divisible by 4 "
                              "for the 2D rotary")
+        unit_px = self.patch_size * self.spatial_merge_size
+        if self.window_size < 0 or self.window_size % unit_px:
+            raise ValueError(f"vision.window_size ({self.window_size}) must be 0 (off) or a positive multiple of "
+                             f"patch_size * spatial_merge_size = {unit_px} pixels")
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"vision.fullatt_block_indexes {bad} are not blocks of a depth-{self.depth} tower")
+
+
+# Rotary variants and the rope_scaling keys each needs (the names transformers uses).
+ROPE_TYPES: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
 
 
 @dataclass
@@ -58,6 +85,8 @@ class LLMConfig:
     intermediate_size: int = 256
     rope_theta: float = 10000.0
     mrope_section: list[int] = field(default_factory=lambda: [4, 6, 6])  # t, h, w; sums to head_dim / 2
+    rope_type: str = "default"  # default | llama3 (Llama 3.x frequency scaling, parameters in rope_scaling)
+    rope_scaling: dict[str, float] = field(default_factory=dict)
     qkv_bias: bool = True
     qk_norm: bool = False
     tie_word_embeddings: bool = True
@@ -81,6 +110,11 @@ class LLMConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"llm.num_heads ({self.num_heads}) must be a multiple of "
                              f"llm.num_kv_heads ({self.num_kv_heads})")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"llm.rope_type {self.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
+        missing = sorted(set(ROPE_TYPES[self.rope_type]) - set(self.rope_scaling))
+        if missing:
+            raise ValueError(f"llm.rope_type={self.rope_type} needs llm.rope_scaling keys {missing}")
         head_dim = self.resolved_head_dim
         if head_dim % 2:
             raise ValueError(f"llm head_dim ({head_dim}) must be even for rotary embeddings")
@@ -97,6 +131,11 @@ class ModelConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     attn_backend: str = "auto"
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each ViT block and decoder layer
+    # Hugging Face folders (safetensors) to start from; see vlm_train.model.hf. Shapes must match this config.
+    init_from_hf: str = ""  # a whole Qwen2.5-VL checkpoint
+    init_llm_from_hf: str = ""  # a Qwen2 / Qwen2.5 / Qwen3 / Llama LLM, or the LLM of a Qwen2.5-VL
+    init_vision_from_hf: str = ""  # the vision tower and merger of a Qwen2.5-VL
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent setting."""
@@ -121,7 +160,9 @@ def _build(cls: type, data: Mapping[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"unknown {where} config keys {unknown}; valid keys: {sorted(names)}")
-    values = {k: (list(v) if k == "mrope_section" else v) for k, v in data.items()}
+    values = {k: (list(v) if k in ("mrope_section", "fullatt_block_indexes") else v) for k, v in data.items()}
+    if "rope_scaling" in values:
+        values["rope_scaling"] = {str(k): float(v) for k, v in dict(values["rope_scaling"]).items()}
     return cls(**values)
 
 

@@ -12,7 +12,7 @@ from .attention import varlen_attention
 from .config import LLMConfig
 from .mlp import SwiGLU
 from .norm import RMSNorm
-from .rope import apply_rotary, inv_frequencies, mrope_cos_sin
+from .rope import apply_rotary, inv_frequencies, llama3_inv_frequencies, mrope_cos_sin
 
 
 class Attention(nn.Module):
@@ -93,6 +93,8 @@ class DecoderLM(nn.Module):
         if position_ids.shape[-1] != embeds.shape[0]:
             raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match {embeds.shape[0]} tokens")
         inv_freq = inv_frequencies(self.cfg.resolved_head_dim, self.cfg.rope_theta, embeds.device)
+        if self.cfg.rope_type == "llama3":
+            inv_freq = llama3_inv_frequencies(inv_freq, self.cfg.rope_scaling)
         cos, sin = mrope_cos_sin(position_ids, inv_freq, self.cfg.mrope_section)
         x = embeds
         for layer in self.layers:

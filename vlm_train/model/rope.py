@@ -4,6 +4,8 @@ Both use the Qwen "rotate_half" layout: cos/sin are [T, head_dim] with the two h
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -14,6 +16,18 @@ def inv_frequencies(dim: int, theta: float, device: torch.device | str | None = 
     shift every rotary angle.
     """
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+
+def llama3_inv_frequencies(inv_freq: torch.Tensor, scaling: dict[str, float]) -> torch.Tensor:
+    """Llama 3.x RoPE scaling: long wavelengths slowed by `factor`, a smooth blend between the two bands."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= context / high) & (wavelen <= context / low)
+    return torch.where(medium, blended, scaled)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -68,9 +82,13 @@ def vision_positions(grid_thw: torch.Tensor, spatial_merge_size: int) -> torch.T
 def vision_cos_sin(
     grid_thw: torch.Tensor, spatial_merge_size: int, inv_freq: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [P, head_dim] of the 2D rotary (Qwen2.5-VL `rot_pos_emb`): h angles then w angles, twice."""
-    pos = vision_positions(grid_thw, spatial_merge_size)
-    freqs = pos.float().unsqueeze(-1) * inv_freq.to(pos.device)  # [P, 2, head_dim/4]
+    """cos/sin [P, head_dim] of the 2D rotary for every patch of the grids (merge order)."""
+    return vision_cos_sin_at(vision_positions(grid_thw, spatial_merge_size), inv_freq)
+
+
+def vision_cos_sin_at(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [P, head_dim] of the 2D rotary (Qwen2.5-VL `rot_pos_emb`) at (h, w) positions [P, 2]."""
+    freqs = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)  # [P, 2, head_dim/4]
     freqs = freqs.flatten(1)  # [P, head_dim/2]: h frequencies, then w frequencies
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()

@@ -6,7 +6,6 @@ Submodule names mirror HF `Qwen2_5_VisionTransformerPretrainedModel`, so importi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -14,7 +13,8 @@ from .attention import varlen_attention
 from .config import VisionConfig
 from .mlp import SwiGLU
 from .norm import RMSNorm
-from .rope import apply_rotary, inv_frequencies, vision_cos_sin
+from .rope import apply_rotary, inv_frequencies, vision_cos_sin_at
+from .vision_layout import VisionLayout, vision_layout
 
 
 class PatchEmbed(nn.Module):
@@ -67,7 +67,11 @@ class VisionBlock(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """Patches of N images (merge order) -> per-patch features [P, hidden]; no final norm (the merger has it)."""
+    """Patches of N images (merge order) -> per-patch features [P, hidden]; no final norm (the merger has it).
+
+    Window attention (Qwen2.5-VL): the patches are permuted into window order once, blocks outside
+    `fullatt_block_indexes` get the window segments as their cu_seqlens, and the output is permuted back.
+    """
 
     def __init__(self, cfg: VisionConfig, attn_backend: str = "auto", activation_checkpointing: bool = False) -> None:
         super().__init__()
@@ -77,36 +81,53 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(cfg.patch_dim, cfg.hidden_size)
         self.blocks = nn.ModuleList(VisionBlock(cfg, attn_backend) for _ in range(cfg.depth))
 
+    def layout(self, grid_thw: torch.Tensor, keep: torch.Tensor | None = None) -> VisionLayout:
+        """Positions, segments and window order of a pack's images under this tower's config."""
+        return vision_layout(grid_thw, self.cfg.spatial_merge_size, self.cfg.window_units, keep)
+
     def forward(
-        self,
-        pixel_values: torch.Tensor,
-        grid_thw: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, keep: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """pixel_values [P, C*t*p*p], grid_thw [N, 3], cu_seqlens int32 [N+1] (image bounds) -> [P, hidden]."""
-        sizes = grid_thw.prod(-1)
-        if int(sizes.sum()) != pixel_values.shape[0]:
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw "
-                             f"{grid_thw.tolist()} implies {int(sizes.sum())}")
+        """pixel_values [P, C*t*p*p], grid_thw [N, 3] -> [P_kept, hidden] in merge order.
+
+        `keep` (bool, one flag per merge window of all images) drops whole merge windows; pixel_values may hold
+        every patch (dropped ones are skipped here) or only the kept ones.
+        """
         if pixel_values.shape[-1] != self.cfg.patch_dim:
             raise ValueError(f"pixel_values rows have {pixel_values.shape[-1]} values, expected C*t*p*p = "
                              f"{self.cfg.patch_dim} for the vision config")
-        if cu_seqlens is None:
-            cu_seqlens = F.pad(sizes.cumsum(0), (1, 0)).to(torch.int32)
-        if max_seqlen is None:
-            max_seqlen = int(sizes.max()) if sizes.numel() else 0
+        total = int(grid_thw.prod(-1).sum())
+        layout = self.layout(grid_thw, keep)
+        unit = self.cfg.spatial_merge_size**2
+        kept = layout.num_units * unit
+        if pixel_values.shape[0] == total and kept != total:
+            pixel_values = pixel_values[keep.to(pixel_values.device).repeat_interleave(unit)]
+        elif pixel_values.shape[0] != kept:
+            dropped = f" ({kept} kept after token dropping)" if kept != total else ""
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw "
+                             f"{grid_thw.tolist()} implies {total}{dropped}")
 
         x = self.patch_embed(pixel_values)
         # head_dim/2 rotary dims per axis (h, w).
         inv_freq = inv_frequencies(self.cfg.head_dim // 2, self.cfg.rope_theta, x.device)
-        cos, sin = vision_cos_sin(grid_thw, self.cfg.spatial_merge_size, inv_freq)
-        # Window attention (Qwen2.5-VL `fullatt_block_indexes` / `window_size`) would go here: permute x and
-        # cos/sin into window order, give non-full blocks the window cu_seqlens, and undo the permutation at
-        # the end. Every block is full attention for now, which needs neither.
-        for block in self.blocks:
+        cos, sin = vision_cos_sin_at(layout.positions, inv_freq)
+        order = layout.window_order
+        if order is not None:
+            x, cos, sin = (_permute_units(y, order, unit) for y in (x, cos, sin))
+        for index, block in enumerate(self.blocks):
+            if self.cfg.uses_window(index):
+                cu_seqlens, max_seqlen = layout.cu_window_seqlens, layout.max_window_seqlen
+            else:
+                cu_seqlens, max_seqlen = layout.cu_seqlens, layout.max_seqlen
             if self.activation_checkpointing and self.training:
                 x = checkpoint(block, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cu_seqlens, max_seqlen)
+        if order is not None:
+            x = _permute_units(x, torch.argsort(order), unit)
         return x
+
+
+def _permute_units(x: torch.Tensor, order: torch.Tensor, unit: int) -> torch.Tensor:
+    """Reorder rows of x [U*unit, ...] by whole merge units: unit i of the result is unit order[i] of x."""
+    return x.reshape(-1, unit, *x.shape[1:])[order].reshape(x.shape)

@@ -13,6 +13,7 @@ from .config import ModelConfig
 from .llm import DecoderLM
 from .norm import RMSNorm
 from .projector import PatchMerger
+from .vision_layout import pack_keep
 from .vit import VisionTransformer
 
 
@@ -22,6 +23,8 @@ class VLMOutput:
 
     hidden: torch.Tensor
     logits: torch.Tensor | None = None
+
+
 
 
 class VLM(nn.Module):
@@ -48,6 +51,11 @@ class VLM(nn.Module):
         )
         self.llm = DecoderLM(llm_cfg, cfg.attn_backend, cfg.activation_checkpointing)
         self.apply(self._init_weights)
+        if cfg.compile:
+            # Per block, not the whole model: the varlen bookkeeping between blocks stays eager, and every block
+            # of a tower shares one compiled graph (dynamic shapes, since pack lengths vary).
+            for block in [*self.vision.blocks, *self.llm.layers]:
+                block.compile(dynamic=True)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.cfg.llm.initializer_range
@@ -58,24 +66,33 @@ class VLM(nn.Module):
         elif isinstance(module, RMSNorm):
             nn.init.ones_(module.weight)
 
+    def set_attn_backend(self, name: str) -> None:
+        """Switch every attention layer to backend `name` (one of ATTENTION_BACKENDS)."""
+        self.cfg = dataclasses.replace(self.cfg, attn_backend=name)
+        self.cfg.validate()
+        for module in self.modules():
+            if hasattr(module, "attn_backend"):
+                module.attn_backend = name
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (tied weights counted once)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def encode_images(
-        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, vit_cu_seqlens: torch.Tensor | None = None,
-        vit_max_seqlen: int | None = None,
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, keep: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Patches [P, C*t*p*p] of N images -> image token embeddings [P / merge^2, llm_hidden]."""
-        return self.projector(self.vision(pixel_values, grid_thw, vit_cu_seqlens, vit_max_seqlen))
+        """Patches [P, C*t*p*p] of N images -> image token embeddings [kept merge windows, llm_hidden].
+
+        `keep`: optional bool mask over the merge windows of all images (token dropping, see VisionTransformer).
+        """
+        return self.projector(self.vision(pixel_values, grid_thw, keep))
 
     def _dummy_image_embeds(self, device: torch.device) -> torch.Tensor:
         """Run the vision path on one zero image of one merge window, the smallest valid input."""
         m = self.cfg.vision.spatial_merge_size
         pixel_values = torch.zeros(m * m, self.cfg.vision.patch_dim, device=device)
         grid_thw = torch.tensor([[1, m, m]], dtype=torch.long, device=device)
-        cu_seqlens = torch.tensor([0, m * m], dtype=torch.int32, device=device)
-        return self.encode_images(pixel_values, grid_thw, cu_seqlens, m * m)
+        return self.encode_images(pixel_values, grid_thw)
 
     def embed(self, batch: PackedBatch) -> torch.Tensor:
         """Text embeddings [T, D] with each image-pad token replaced by its image embedding, in order."""
@@ -91,14 +108,14 @@ class VLM(nn.Module):
             # the zero factor leaves values unchanged while giving vision/projector a (zero) gradient.
             return embeds + 0.0 * self._dummy_image_embeds(embeds.device).sum().to(embeds.dtype)
 
-        image_embeds = self.encode_images(
-            batch.pixel_values, batch.image_grid_thw, batch.vit_cu_seqlens, batch.vit_max_seqlen
-        )
+        keep = pack_keep(batch, self.cfg.vision.spatial_merge_size)
+        image_embeds = self.encode_images(batch.pixel_values, batch.image_grid_thw, keep)
         if num_pad != image_embeds.shape[0]:
+            dropped = "" if keep is None else f", {int((~keep).sum())} merge windows dropped"
             raise ValueError(
                 f"the pack has {num_pad} image-pad tokens (id {self.image_token_id}) but its "
                 f"{batch.num_images} images give {image_embeds.shape[0]} image embeddings "
-                f"(grids {batch.image_grid_thw.tolist()}, merge size {self.cfg.vision.spatial_merge_size})"
+                f"(grids {batch.image_grid_thw.tolist()}, merge size {self.cfg.vision.spatial_merge_size}{dropped})"
             )
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 

@@ -1,12 +1,14 @@
 """Weighted cross-entropy: a mix of per-sample and per-token averaging, normalised over the whole optimizer step."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from vlm_train.data.batch import IGNORE_INDEX, PackedBatch
+from vlm_train.model.chunked_loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
 
 
 @dataclass
@@ -42,9 +44,20 @@ def token_coefficients(batch: PackedBatch, totals: StepTotals, per_sample_weight
     return (coefficients * supervised).to(torch.float32)
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per token in fp32; 0 where the label is IGNORE_INDEX."""
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+def token_cross_entropy(
+    logits_or_hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Cross-entropy per token in fp32; 0 where the label is IGNORE_INDEX.
+
+    Given `head` (the LM head), the first argument is the hidden states [T, D]: logits are then made for the
+    supervised tokens only, `chunk_size` at a time, and never held for the whole pack (see chunked_loss).
+    """
+    if head is not None:
+        return chunked_cross_entropy(logits_or_hidden, head, labels, chunk_size)
+    return F.cross_entropy(logits_or_hidden.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def weighted_loss(token_losses: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:

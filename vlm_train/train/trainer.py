@@ -55,8 +55,9 @@ def train_step(
     for pack in packs:
         pack = pack.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(pack).logits
-        token_losses = L.token_cross_entropy(logits, pack.labels)
+            hidden = model(pack, return_logits=False).hidden
+            # Logits chunk by chunk from the hidden states: never [T, vocab] in fp32 at once.
+            token_losses = L.token_cross_entropy(hidden, pack.labels, head=model.llm.lm_head)
         micro_loss = L.weighted_loss(token_losses, L.token_coefficients(pack, totals, cfg.loss.per_sample_weight))
         micro_loss.backward()
         step_loss += float(micro_loss.detach())

@@ -6,6 +6,7 @@ q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [S+1] with segment i = rows cu_s
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable
 
 import torch
@@ -83,7 +84,10 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
 def _sdpa_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool
 ) -> torch.Tensor:
-    """Reference: one scaled_dot_product_attention call per segment (any device, any dtype)."""
+    """Reference: scaled_dot_product_attention per segment (any device, any dtype).
+
+    Consecutive segments of one length (equal-size images, equal-length samples) go in one batched call.
+    """
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         # Query head i reads kv head i // groups, the grouping flash-attn and HF's repeat_kv use.
@@ -92,14 +96,19 @@ def _sdpa_varlen(
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens must run from 0 to T={q.shape[0]}, got {bounds[0]}..{bounds[-1]}")
-    out = torch.empty_like(q)
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        if end == start:
-            continue
-        # [L, H, D] -> [H, L, D]: SDPA treats the leading dim as batch.
-        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(0, 1)
-    return out
+    outs = []
+    start = 0
+    for length, run in itertools.groupby(b - a for a, b in zip(bounds[:-1], bounds[1:])):
+        end = start + length * len(list(run))
+        if length:
+            # [n*L, H, D] -> [n, H, L, D]: 4-D inputs, or CPU SDPA falls back from its flash kernel to the math
+            # one (twice as slow, and it holds the L x L scores).
+            qs, ks, vs = (x[start:end].unflatten(0, (-1, length)).transpose(1, 2) for x in (q, k, v))
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(1, 2).flatten(0, 1))
+        start = end
+    if not outs:
+        return torch.empty_like(q)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def varlen_attention(

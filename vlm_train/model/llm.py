@@ -1,10 +1,13 @@
 """Decoder LM of the Qwen2 / Qwen2.5 / Qwen3 / Llama family over packed sequences.
 
 Parameter names mirror HF `Qwen2ForCausalLM` minus its `model.` prefix, so an HF state dict loads by a rename.
+Training runs `forward_embeds` over a pack; generation runs `prefill` over a pack of prompts, then `decode_step`
+one token per sequence against a `KVCache`.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -34,18 +37,44 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [..., D] -> rotated q [..., Hq, hd], rotated k and v [..., Hkv, hd]; cos/sin [..., hd]."""
+        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self.project(x, cos, sin)
         out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=self.attn_backend)
         return self.o_proj(out.reshape(t, -1))
+
+    def prefill(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+        cache: KVCache, layer: int,
+    ) -> torch.Tensor:
+        """`forward` over a pack of prompts that also stores their keys and values in `cache`."""
+        t = x.shape[0]
+        q, k, v = self.project(x, cos, sin)
+        cache.store_prompts(layer, k, v, cu_seqlens)
+        out = varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True, backend=self.attn_backend)
+        return self.o_proj(out.reshape(t, -1))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """One new token per sequence, x [B, D], attending to its cached keys and values and itself."""
+        q, k, v = self.project(x, cos, sin)
+        keys, values, mask = cache.append(layer, k, v)
+        # [B, H, 1, hd] queries over [B, Hkv, capacity, hd]; the mask hides unfilled cache slots.
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(out.flatten(1))
 
 
 class DecoderLayer(nn.Module):
@@ -62,6 +91,17 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def prefill(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+        cache: KVCache, layer: int,
+    ) -> torch.Tensor:
+        x = x + self.self_attn.prefill(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -92,16 +132,58 @@ class DecoderLM(nn.Module):
         """Embeddings [T, D] with position_ids [3, T] or [T] -> final-normed hidden states [T, D]."""
         if position_ids.shape[-1] != embeds.shape[0]:
             raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match {embeds.shape[0]} tokens")
-        inv_freq = inv_frequencies(self.cfg.resolved_head_dim, self.cfg.rope_theta, embeds.device)
-        if self.cfg.rope_type == "llama3":
-            inv_freq = llama3_inv_frequencies(inv_freq, self.cfg.rope_scaling)
-        cos, sin = mrope_cos_sin(position_ids, inv_freq, self.cfg.mrope_section)
+        cos, sin = self.rotary(position_ids, embeds.device)
         x = embeds
         for layer in self.layers:
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen)
+        return self.norm(x)
+
+    def rotary(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [T, head_dim] of the (M-)RoPE at position_ids [3, T] or [T]."""
+        inv_freq = inv_frequencies(self.cfg.resolved_head_dim, self.cfg.rope_theta, device)
+        if self.cfg.rope_type == "llama3":
+            inv_freq = llama3_inv_frequencies(inv_freq, self.cfg.rope_scaling)
+        return mrope_cos_sin(position_ids, inv_freq, self.cfg.mrope_section)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty cache for sequences of up to `capacity` tokens (prompt and generated)."""
+        return KVCache(len(self.layers), capacity)
+
+    def prefill(
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """`forward_embeds` over a pack of prompts, filling the empty `cache` with one row per prompt.
+
+        Returns the final-normed hidden states [T, D]. Each row's next position is its prompt's largest
+        position + 1, as in Qwen2-VL (an image spans fewer positions than it has tokens).
+        """
+        if position_ids.shape[-1] != embeds.shape[0]:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match {embeds.shape[0]} tokens")
+        bounds = cu_seqlens.tolist()
+        if max_seqlen is None:
+            max_seqlen = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        rows = position_ids.view(-1, position_ids.shape[-1]).amax(0)  # per token, its largest M-RoPE row
+        next_position = torch.stack([rows[a:b].max() + 1 for a, b in zip(bounds[:-1], bounds[1:])])
+        cache.start(bounds, next_position)
+        cos, sin = self.rotary(position_ids, embeds.device)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer.prefill(x, cos, sin, cu_seqlens, max_seqlen, cache, i)
+        return self.norm(x)
+
+    def decode_step(self, embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Embeddings [B, D] of one new token per cached sequence -> final-normed hidden states [B, D]."""
+        if embeds.shape[0] != cache.batch_size:
+            raise ValueError(f"{embeds.shape[0]} new tokens for a cache of {cache.batch_size} sequences")
+        cos, sin = self.rotary(cache.next_position.to(embeds.device), embeds.device)
+        x = embeds
+        for i, layer in enumerate(self.layers):
+            x = layer.decode(x, cos, sin, cache, i)
+        cache.advance()
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -113,3 +195,74 @@ class DecoderLM(nn.Module):
     ) -> torch.Tensor:
         """Text-only convenience: input_ids [T] -> logits [T, V]."""
         return self.logits(self.forward_embeds(self.embed(input_ids), position_ids, cu_seqlens, max_seqlen))
+
+
+class KVCache:
+    """Keys and values of every layer for a batch of sequences: [B, Hkv, capacity, head_dim] and a length per row.
+
+    Filled by `DecoderLM.prefill`, grown one token per row by `DecoderLM.decode_step`; `select` keeps only
+    some rows (sequences that have not finished).
+    """
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError(f"KV cache capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = torch.zeros(0, dtype=torch.long)  # tokens held per row
+        self.next_position = torch.zeros(0, dtype=torch.long)  # rotary position of each row's next token
+        self._bounds: list[int] = [0]  # the prompts' cu_seqlens, while prefilling
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.numel())
+
+    def start(self, bounds: list[int], next_position: torch.Tensor) -> None:
+        """Begin a batch of prompts with boundaries `bounds` (cu_seqlens as a list)."""
+        lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], dtype=torch.long)
+        if int(lengths.max()) > self.capacity:
+            raise ValueError(f"a prompt of {int(lengths.max())} tokens does not fit a KV cache of {self.capacity}")
+        self.lengths = lengths.to(next_position.device)
+        self.next_position = next_position.long()
+        self._bounds = bounds
+
+    def store_prompts(self, layer: int, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+        """Scatter one layer's packed prompt keys/values [T, Hkv, hd] into rows [B, Hkv, capacity, hd]."""
+        batch, heads, dim = self.batch_size, k.shape[1], k.shape[2]
+        keys = k.new_zeros(batch, heads, self.capacity, dim)
+        values = v.new_zeros(batch, heads, self.capacity, dim)
+        for row, (a, b) in enumerate(zip(self._bounds[:-1], self._bounds[1:])):
+            keys[row, :, : b - a] = k[a:b].transpose(0, 1)
+            values[row, :, : b - a] = v[a:b].transpose(0, 1)
+        self.keys[layer], self.values[layer] = keys, values
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write one token per row (k/v [B, Hkv, hd]) after each row's last; returns keys, values and the
+        attention mask [B, 1, 1, capacity] of filled slots."""
+        if int(self.lengths.max()) >= self.capacity:
+            raise ValueError(f"KV cache full: a sequence reached its capacity of {self.capacity} tokens")
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None:
+            raise RuntimeError("KV cache is empty: run DecoderLM.prefill before decode_step")
+        rows = torch.arange(self.batch_size, device=keys.device)
+        slots = self.lengths.to(keys.device)
+        keys[rows, :, slots] = k.to(keys.dtype)
+        values[rows, :, slots] = v.to(values.dtype)
+        mask = torch.arange(self.capacity, device=keys.device) <= slots.unsqueeze(1)
+        return keys, values, mask[:, None, None, :]
+
+    def advance(self) -> None:
+        """Every row now holds one more token (called once per decode step, after all layers)."""
+        self.lengths = self.lengths + 1
+        self.next_position = self.next_position + 1
+
+    def select(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only `rows` (indices into the current batch), in that order."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        self.lengths = self.lengths[index.to(self.lengths.device)]
+        self.next_position = self.next_position[index.to(self.next_position.device)]
+        for store in (self.keys, self.values):
+            for i, tensor in enumerate(store):
+                if tensor is not None:
+                    store[i] = tensor[index.to(tensor.device)]

@@ -50,7 +50,8 @@ def shards(tmp_path_factory):
 
 
 def test_layout_and_members(shards):
-    assert [os.path.basename(u) for u in shards.train_urls] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [os.path.basename(u) for u in shards.caption_urls] == [f"train-caption-00000{i}.tar" for i in range(3)]
+    assert [os.path.basename(u) for u in shards.grounding_urls] == [f"train-grounding-00000{i}.tar" for i in range(3)]
     assert [os.path.basename(u) for u in shards.heldout_urls] == ["heldout-000000.tar"]
     assert os.path.basename(shards.dir).startswith("synthetic-") and len(os.path.basename(shards.dir)) == len("synthetic-") + 12
     for url in shards.train_urls + shards.heldout_urls:
@@ -62,6 +63,8 @@ def test_layout_and_members(shards):
         assert re.fullmatch(r"train\d{6}[cg]", key)
         members = set(sample) - {"__key__", "__url__", "__local_path__"}
         assert members == ({"png", "txt"} if key.endswith("c") else {"png", "json"})
+        # Each train shard holds one task, so the two tasks can be mixed by weight as two sources.
+        assert ("train-caption-" in sample["__url__"]) == key.endswith("c")
 
 
 def test_caption_and_grounding_twins_agree(shards):

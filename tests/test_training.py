@@ -6,6 +6,8 @@ import sys
 import pytest
 
 from conftest import SMALL_DATA, make_config
+from test_loader import write_shards
+from vlm_train.data.config import SourceConfig
 from vlm_train.train.trainer import run
 
 
@@ -23,6 +25,48 @@ def test_a_short_run_lowers_the_loss(tmp_path):
     assert summary["steps"] == 30 and len(losses) == 30
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.6 * first, (first, last)
+
+
+def test_stages_in_tokens_wsd_and_the_metrics_of_a_step(tmp_path):
+    cfg = make_config(
+        f"run.dir={tmp_path}",
+        "curriculum.stages.0.steps=2",
+        "curriculum.stages.1.steps=0",
+        "curriculum.stages.1.tokens=2500",  # packs of 1024 tokens: 3 steps
+        "curriculum.stages.1.schedule=wsd",
+        "curriculum.stages.1.lr_scale.vision=0.5",
+        "curriculum.stages.1.data.llm_budget=1024",
+        "eval.enabled=false",
+        "logger.peak_tflops=0.5",  # no GPU here: a configured peak gives an MFU
+    )
+    summary = run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["align", "align", "full", "full", "full"] and summary["steps"] == 5
+    assert rows[-1]["tokens"] - rows[1]["tokens"] >= 2500 > rows[-2]["tokens"] - rows[1]["tokens"]
+    last = rows[-1]
+    assert last["lr/vision"] == pytest.approx(0.5 * last["lr/llm"]) and last["lr/projector"] == last["lr/llm"]
+    assert last["mfu"] == pytest.approx(last["tflops_per_s"] / 0.5)
+    for key in ("grad_norm", "tokens_per_s", "samples_per_s", "packing/llm_fill", "packing/vit_fill",
+                "skipped_steps", "loss/source/shapes_caption", "loss/task/grounding", "memory/max_rss_gb"):
+        assert isinstance(last[key], (int, float)) and last[key] >= 0, key
+    assert 0.5 < last["packing/llm_fill"] <= 1.0
+
+
+def test_a_stage_sets_the_mixture_and_bad_samples_are_counted_per_source(tmp_path):
+    bad = {"s0i1": {"png": b"garbage", "txt": "x"}, "s1i0": {"txt": "no image"}}
+    urls = write_shards(tmp_path / "web", 2, 12, bad)
+    cfg = make_config(f"run.dir={tmp_path / 'run'}", "curriculum.stages.0.steps=2", "curriculum.stages.1.steps=6",
+                      "eval.enabled=false", "data.pack.buffer_size=16")  # fmt: skip
+    cfg.data.sources = [SourceConfig(name="web", urls="::".join(urls))]
+    cfg.curriculum.stages[0].data.mixture = {"web": 1.0}  # stage 1 reads only web, stage 2 only shapes
+    cfg.curriculum.stages[1].data.mixture = {"shapes_caption": 1.0}
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sources = [sorted(k for k in r if k.startswith("loss/source/")) for r in rows]
+    assert sources[:2] == [["loss/source/web"]] * 2
+    # Samples already in the packing buffer still go out after the switch; then only shape captions.
+    assert "loss/source/shapes_caption" in sources[2] and sources[-1] == ["loss/source/shapes_caption"]
+    assert rows[-1]["data/skipped/web/corrupt_image"] >= 1 and rows[-1]["data/skipped/web/missing_image"] >= 1
 
 
 def test_single_engine_refuses_several_processes(tmp_path):

@@ -44,37 +44,46 @@ def build_data(data: DataConfig, model: ModelConfig) -> DataSetup:
     heldout = expand_urls(data.heldout_urls, data.allow_pipe) if data.heldout_urls else []
     if data.use_synthetic:
         shards = ensure_synthetic_shards(data.synthetic)
-        sources.append(Source("shapes", shards.train_urls))
+        sources.append(Source("shapes_caption", shards.caption_urls, data.synthetic.caption_weight))
+        sources.append(Source("shapes_grounding", shards.grounding_urls, data.synthetic.grounding_weight))
         heldout = heldout or shards.heldout_urls
     for source in sources:
         missing = [u for u in source.urls if "://" not in u and not os.path.exists(u)]
         if missing:
             raise FileNotFoundError(f"data source {source.name!r}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
     tokenizer = load_tokenizer(data.tokenizer, corpus=corpus_lines())
-    encoder = Encoder(tokenizer, patch_spec(model, data), data.image.sampling(), data.system_prompt)
-    return DataSetup(tokenizer, encoder, sources, heldout)
+    return DataSetup(tokenizer, build_encoder(tokenizer, data, model), sources, heldout)
 
 
-def build_stream(setup: DataSetup, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1) -> PackedStream:
-    return PackedStream(setup.sources, setup.encoder, data, seed=seed, rank=rank, world_size=world_size)
+def build_encoder(tokenizer: PreTrainedTokenizerBase, data: DataConfig, model: ModelConfig) -> Encoder:
+    """The encoder for this data config (a curriculum stage may change its resolution range)."""
+    return Encoder(tokenizer, patch_spec(model, data), data.image.sampling(), data.system_prompt)
 
 
-def build_model(model: ModelConfig, setup: DataSetup) -> VLM:
-    """The VLM sized to the tokenizer (llm.vocab_size=0 means: the tokenizer's size)."""
+def build_stream(setup: DataSetup, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1,
+                 encoder: Encoder | None = None) -> PackedStream:  # fmt: skip
+    return PackedStream(setup.sources, encoder or setup.encoder, data, seed=seed, rank=rank, world_size=world_size)
+
+
+def build_model(model: ModelConfig, setup: DataSetup, load_hf: bool = True) -> VLM:
+    """The VLM sized to the tokenizer (llm.vocab_size=0 means: the tokenizer's size); `load_hf=False` skips the
+    model.init_*_from_hf weights (for a model whose weights are copied in right after)."""
     tokens = len(setup.tokenizer)
     vocab_size = model.llm.vocab_size or tokens
     if vocab_size < tokens:
         raise ValueError(f"model.llm.vocab_size={vocab_size} is smaller than the tokenizer ({tokens} tokens)")
     vlm = VLM(model, vocab_size=vocab_size, image_token_id=setup.encoder.special.image_pad)
-    apply_hf_init(vlm, model)  # model.init_*_from_hf: start from released Hugging Face weights
+    if load_hf:
+        apply_hf_init(vlm, model)  # model.init_*_from_hf: start from released Hugging Face weights
     return vlm
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """engine.device as a torch device; a GPU is this process's own (LOCAL_RANK under torchrun)."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"engine.device must be auto, cpu or cuda, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("engine.device=cuda but no CUDA device is available")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"engine.device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)

@@ -1,10 +1,12 @@
 """The root training config, registered with Hydra's ConfigStore so a misspelt key or a wrong type is an error."""
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from vlm_train.data.config import DataConfig
 from vlm_train.model.config import ModelConfig
@@ -12,45 +14,115 @@ from vlm_train.model.config import ModelConfig
 
 @dataclass
 class RunConfig:
-    dir: str = "outputs/${now:%Y-%m-%d_%H-%M-%S}"  # the run folder: config, metrics, checkpoints, summary
+    # The run folder: config, metrics, checkpoints, summary. run_time is Hydra's `now`, but rank 0's on every rank.
+    dir: str = "outputs/${run_time:%Y-%m-%d_%H-%M-%S}"
     seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    """How token losses are weighted; the weights of one optimizer step (all micro-batches, all ranks) sum to 1."""
+
+    averaging: str = "mix"  # token | sample (1/x per sample of x tokens) | square (1/sqrt x) | mix
+    per_sample_weight: float = 0.5  # mix: alpha * sample + (1 - alpha) * token
+    position_power: float = 0.0  # a sample's k-th supervised token (k = 0, 1, ...) is weighted (k + 1) ** -power
+    source_weights: dict[str, float] = field(default_factory=dict)  # importance per data source (others: 1)
+    importance_field: str = ""  # a per-sample meta field holding an importance factor (absent: 1)
+
+
+@dataclass
+class StageLossConfig:
+    """A stage's changes to the loss config; null (or an empty dict) keeps the run's value."""
+
+    averaging: Optional[str] = None
+    per_sample_weight: Optional[float] = None
+    position_power: Optional[float] = None
+    source_weights: dict[str, float] = field(default_factory=dict)  # empty: the run's
+    importance_field: Optional[str] = None
+
+
+@dataclass
+class StageDataConfig:
+    """A stage's changes to the data; empty / null keeps the data config's value."""
+
+    mixture: dict[str, float] = field(default_factory=dict)  # source name -> weight; unnamed sources drop out
+    llm_budget: Optional[int] = None  # data.pack.llm_budget
+    vit_budget: Optional[int] = None  # data.pack.vit_budget
+    max_images: Optional[int] = None  # data.pack.max_images
+    min_pixels: Optional[int] = None  # data.image.min_pixels
+    max_pixels: Optional[int] = None  # data.image.max_pixels
 
 
 @dataclass
 class StageConfig:
     name: str = MISSING
-    steps: int = MISSING  # optimizer steps in this stage
+    steps: int = 0  # optimizer steps in this stage, or
+    tokens: int = 0  # LLM tokens (all ranks together) in this stage: set exactly one of steps and tokens
     trainable: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns: vision.*, projector.*, llm.*
     lr: float = 1e-3
+    lr_scale: dict[str, float] = field(default_factory=dict)  # curriculum.groups name -> multiplier of lr
     warmup_steps: int = 0
-    schedule: str = "cosine"  # cosine | constant
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    schedule: str = "cosine"  # constant | cosine | wsd (warm-up, stable, decay)
+    min_lr_ratio: float = 0.1  # cosine and wsd decay to lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd: the last share of the stage that decays
+    decay_shape: str = "linear"  # wsd: linear | cosine | sqrt (1 - sqrt)
+    data: StageDataConfig = field(default_factory=StageDataConfig)
+    loss: StageLossConfig = field(default_factory=StageLossConfig)
+
+
+def _default_groups() -> dict[str, list[str]]:
+    return {"vision": ["vision.*"], "projector": ["projector.*"], "llm": ["llm.*"]}
 
 
 @dataclass
 class CurriculumConfig:
+    # Parameter groups by module pattern (a parameter joins the first group that matches); each has its own lr.
+    groups: dict[str, list[str]] = field(default_factory=_default_groups)
     stages: list[StageConfig] = field(default_factory=list)
 
 
 @dataclass
-class LossConfig:
-    # alpha: weight of per-sample averaging (each sample counts once); 1 - alpha goes to per-token averaging.
-    per_sample_weight: float = 0.5
+class EngineConfig:
+    name: str = "single"  # single (one process, CPU or one GPU) | deepspeed (under torchrun)
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    zero_stage: int = 0  # deepspeed: ZeRO stage 0-3
+    bf16: str = "auto"  # auto (on with CUDA) | true | false; bf16 needs a GPU
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
 
 
 @dataclass
-class EngineConfig:
-    name: str = "single"  # single process, CPU or one GPU
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+class GuardConfig:
+    max_consecutive_skips: int = 10  # a longer run of skipped optimizer steps stops the run (0: no limit)
+    spike_zscore: float = 0.0  # skip a step whose loss is this many standard deviations above the window (0: off)
+    spike_window: int = 100  # losses of accepted steps the spike rule compares with
+    spike_min_history: int = 20  # the spike rule waits for this many losses
+
+
+@dataclass
+class FaultConfig:
+    """Fault injection for tests (like Megatron's): each 0 / empty is off."""
+
+    nan_loss_at_steps: list[int] = field(default_factory=list)  # these steps' loss becomes NaN
+    nan_rank: int = -1  # ... on this rank only (-1: every rank)
+    inf_grad_at_steps: list[int] = field(default_factory=list)  # a gradient becomes inf (the loss stays finite)
+    inf_grad_rank: int = -1  # ... on this rank only (-1: every rank)
+    data_error_at_pack: int = 0  # a data worker's n-th pack (1-based) raises inside that worker
+    sigterm_at_step: int = 0  # send SIGTERM to this process after this step
+    sigterm_rank: int = 0  # ... on this rank
 
 
 @dataclass
 class TrainConfig:
-    micro_batches: int = 1  # packs per optimizer step (gradient accumulation)
-    grad_clip: float = 1.0
+    micro_batches: int = 1  # packs per rank per optimizer step (gradient accumulation)
+    grad_clip: float = 1.0  # 0: no clipping
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    adam_eps: float = 1e-8
+    resume: str = "auto"  # auto (newest complete checkpoint of run.dir, if any) | never | a checkpoint folder
+    exit_at_step: int = 0  # save and exit after this step, schedules unchanged (0: off)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 @dataclass
@@ -65,13 +137,14 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # save every N steps; 0 saves only at the end
-    keep_last: int = 2
+    interval: int = 0  # save every N steps; 0 saves only at the end (and on SIGTERM / exit_at_step)
+    keep_last: int = 2  # complete checkpoints kept (0: all)
 
 
 @dataclass
 class LoggerConfig:
     console_interval: int = 10  # steps between progress lines
+    peak_tflops: float = 0.0  # peak dense TFLOP/s of one device for MFU; 0: from the GPU's name (none on CPU)
     wandb: bool = False
     wandb_project: str = "vlm_train"
     wandb_entity: str = ""
@@ -93,6 +166,21 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
+_START_TIME: list[datetime.datetime] = []
+
+
+def set_start_time(when: datetime.datetime) -> None:
+    """The time `${run_time:...}` formats (every rank of a launch sets rank 0's)."""
+    _START_TIME[:] = [when]
+
+
+def _run_time(pattern: str) -> str:
+    if not _START_TIME:
+        set_start_time(datetime.datetime.now())
+    return _START_TIME[0].strftime(pattern)
+
+
 def register_configs() -> None:
-    """Make the schema the first entry of conf/config.yaml's defaults list."""
+    """Make the schema the first entry of conf/config.yaml's defaults list; register the run_time resolver."""
     ConfigStore.instance().store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("run_time", _run_time, use_cache=True, replace=True)

@@ -1,33 +1,50 @@
-"""Curriculum stages: which parameters train, with what optimizer and learning-rate schedule."""
+"""Curriculum stages: what trains, in which parameter groups at which lr, and a stage's data and loss overrides."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
-import math
 
-import torch
 from torch import nn
 
-from vlm_train.train.config import CurriculumConfig, StageConfig, TrainConfig
+from vlm_train.data.config import DataConfig
+from vlm_train.train.config import CurriculumConfig, LossConfig, StageConfig, TrainConfig
+from vlm_train.train.loss import check_loss
+from vlm_train.train.schedule import DECAY_SHAPES, SCHEDULES, lr_factor
 
-SCHEDULES = ("cosine", "constant")
+OTHER_GROUP = "other"  # parameters that match no group of curriculum.groups
 
 
-def validate_curriculum(cfg: CurriculumConfig, model: nn.Module) -> None:
-    """Clear errors for an empty curriculum, bad lengths, unknown schedules and patterns that match nothing."""
+def validate_curriculum(cfg: CurriculumConfig, model: nn.Module, loss: LossConfig | None = None) -> None:
+    """Clear errors for an empty curriculum, bad lengths and schedules, unknown groups and patterns that match nothing."""
     if not cfg.stages:
         raise ValueError("curriculum.stages is empty: a run needs at least one stage")
     names = [name for name, _ in model.named_parameters()]
+    for group, patterns in cfg.groups.items():
+        if not any(fnmatch.filter(names, p) for p in patterns):
+            raise ValueError(f"curriculum.groups.{group}: patterns {list(patterns)} match no parameter")
     for index, stage in enumerate(cfg.stages):
         where = f"curriculum.stages.{index} ({stage.name})"
-        if stage.steps <= 0:
-            raise ValueError(f"{where}: steps must be positive, got {stage.steps}")
+        if (stage.steps > 0) == (stage.tokens > 0) or stage.steps < 0 or stage.tokens < 0:
+            raise ValueError(f"{where}: set exactly one of steps and tokens to a positive number "
+                             f"(steps must be positive; got steps={stage.steps}, tokens={stage.tokens})")  # fmt: skip
         if stage.schedule not in SCHEDULES:
             raise ValueError(f"{where}: schedule {stage.schedule!r} is not one of {SCHEDULES}")
+        if stage.decay_shape not in DECAY_SHAPES:
+            raise ValueError(f"{where}: decay_shape {stage.decay_shape!r} is not one of {DECAY_SHAPES}")
         if stage.warmup_steps < 0:
             raise ValueError(f"{where}: warmup_steps must not be negative, got {stage.warmup_steps}")
+        if not 0.0 <= stage.decay_fraction <= 1.0 or not 0.0 <= stage.min_lr_ratio <= 1.0:
+            raise ValueError(f"{where}: decay_fraction and min_lr_ratio must be within [0, 1]")
+        if stage.lr < 0 or any(v < 0 for v in stage.lr_scale.values()):
+            raise ValueError(f"{where}: lr and lr_scale must not be negative")
+        unknown = sorted(set(stage.lr_scale) - set(cfg.groups) - {OTHER_GROUP})
+        if unknown:
+            raise ValueError(f"{where}: lr_scale names unknown groups {unknown}; curriculum.groups has {sorted(cfg.groups)}")
         for pattern in stage.trainable:
             if not fnmatch.filter(names, pattern):
                 raise ValueError(f"{where}: trainable pattern {pattern!r} matches no parameter (try vision.*, projector.*, llm.*)")
+        if loss is not None:
+            check_loss(stage_loss(loss, stage), where)
 
 
 def set_trainable(model: nn.Module, patterns: list[str]) -> list[nn.Parameter]:
@@ -40,36 +57,50 @@ def set_trainable(model: nn.Module, patterns: list[str]) -> list[nn.Parameter]:
     return trainable
 
 
-def lr_factor(stage: StageConfig, step_in_stage: int) -> float:
-    """Linear warm-up, then constant or cosine decay to min_lr_ratio, over the stage's own steps.
-
-    Warm-up is capped at the stage length, so shortening a stage from the command line needs no second override.
-    """
-    warmup = min(stage.warmup_steps, stage.steps)
-    if step_in_stage < warmup:
-        return (step_in_stage + 1) / warmup
-    if stage.schedule == "constant":
-        return 1.0
-    decay_steps = max(stage.steps - warmup, 1)
-    progress = min((step_in_stage - warmup) / decay_steps, 1.0)
-    return stage.min_lr_ratio + (1.0 - stage.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def group_of(name: str, groups: dict[str, list[str]]) -> str:
+    for group, patterns in groups.items():
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            return group
+    return OTHER_GROUP
 
 
-def build_optimizer(params: list[nn.Parameter], stage: StageConfig, train: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the stage's trainable parameters; norms and biases get no weight decay."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=stage.lr, betas=tuple(train.adam_betas), fused=None
+def param_groups(model: nn.Module, stage: StageConfig, groups: dict[str, list[str]], train: TrainConfig) -> list[dict]:
+    """Optimizer groups of the trainable parameters: one per named group, split by weight decay (norms and biases
+    get none); each carries its `name` and `lr_scale`. Empty groups are left out."""
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            buckets.setdefault((group_of(name, groups), param.ndim >= 2), []).append(param)
+    result = []
+    for (group, decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
+        result.append({
+            "params": params,
+            "name": group if decay else f"{group}/no_decay",
+            "group": group,
+            "lr_scale": float(stage.lr_scale.get(group, 1.0)),
+            "weight_decay": train.weight_decay if decay else 0.0,
+        })  # fmt: skip
+    return result
+
+
+def group_lrs(stage: StageConfig, step_in_stage: int, tokens_in_stage: int, groups: list[dict]) -> dict[str, float]:
+    """The lr of each optimizer group (by name) for the step about to run."""
+    base = stage.lr * lr_factor(stage, step_in_stage, tokens_in_stage)
+    return {g["name"]: base * g["lr_scale"] for g in groups}
+
+
+def stage_loss(loss: LossConfig, stage: StageConfig) -> LossConfig:
+    """The run's loss config with the stage's non-null (non-empty) fields."""
+    changes = {k: v for k, v in dataclasses.asdict(stage.loss).items() if v is not None and v != {}}
+    return dataclasses.replace(loss, **changes)
+
+
+def stage_data(data: DataConfig, stage: StageConfig) -> DataConfig:
+    """The data config with the stage's pack budgets and resolution range (the mixture is set on the loader)."""
+    over = stage.data
+    pack = {k: getattr(over, k) for k in ("llm_budget", "vit_budget", "max_images") if getattr(over, k) is not None}
+    image = {k: getattr(over, k) for k in ("min_pixels", "max_pixels") if getattr(over, k) is not None}
+    return dataclasses.replace(
+        data, pack=dataclasses.replace(data.pack, **pack), image=dataclasses.replace(data.image, **image)
     )
 
-
-def set_lr(optimizer: torch.optim.Optimizer, stage: StageConfig, step_in_stage: int) -> float:
-    lr = stage.lr * lr_factor(stage, step_in_stage)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import itertools
+import json
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -12,7 +16,10 @@ from vlm_train.data.grounding import box_iou, parse_box
 from vlm_train.data.loader import iter_samples, pack_for_generation
 from vlm_train.model.generate import greedy_generate
 from vlm_train.model.vlm import VLM
-from vlm_train.train.config import EvalConfig
+from vlm_train.train.config import Config, EvalConfig
+
+if TYPE_CHECKING:
+    from vlm_train.train.builders import DataSetup
 
 IOU_THRESHOLD = 0.5
 
@@ -76,3 +83,29 @@ def score(predictions: list[Prediction]) -> dict[str, float]:
         result[name] = sum(scored) / len(scored) if scored else float("nan")
         result[f"{name}_n"] = len(scored)
     return result
+
+
+def evaluate_and_report(model: VLM, setup: DataSetup, cfg: Config, device: torch.device, run_dir: Path) -> dict[str, Any]:
+    """Score the held-out split, print a few examples, and keep every prediction in heldout_predictions.jsonl."""
+    started = time.perf_counter()
+    samples = select_heldout(setup.heldout_urls, cfg.eval, cfg.data.image.max_decode_pixels)
+    predictions = predict(model, setup.encoder, samples, cfg.eval, device)
+    scores = score(predictions)
+    with open(run_dir / "heldout_predictions.jsonl", "w", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(p.__dict__) + "\n")
+    shown: list = []
+    for task in ("caption", "grounding"):
+        shown += [p for p in predictions if p.task == task][: max(cfg.eval.show_examples // 2, 1)]
+    print("\nHeld-out examples:")
+    for p in shown:
+        mark = "ok " if p.correct else "MISS"
+        print(f"  [{mark}] {p.task:9s} image {p.image:12s} | prompt: {p.prompt.replace('<image>', '')!r}")
+        print(f"         expected: {p.expected!r}\n         generated: {p.generated!r}")
+    print(
+        f"Held-out score: caption exact match {scores['heldout_exact_match']:.3f} "
+        f"({scores['heldout_exact_match_n']} samples), grounding IoU>=0.5 accuracy "
+        f"{scores['heldout_grounding_acc']:.3f} ({scores['heldout_grounding_acc_n']} samples), "
+        f"in {time.perf_counter() - started:.1f}s\n"
+    )
+    return scores

@@ -4,7 +4,7 @@ Loss is the mean token cross-entropy of the first `num_loss_samples` samples of 
 forced. Scores are caption exact match and grounding accuracy (IoU >= 0.5 of the parsed 000-999 box) from greedy
 answers (see evaluate.py). Samples are read from the shards once, when first needed, and reused on every call.
 
-    evaluator = HeldoutEvaluator({"shapes": urls}, encoder, cfg.eval, cfg.data.image.max_decode_pixels)
+    evaluator = HeldoutEvaluator({"heldout": urls}, encoder, cfg.eval, cfg.data.image.max_decode_pixels)
     metrics = evaluator(model, device)  # {"heldout_loss": ..., "heldout_exact_match": ..., ...}
 """
 from __future__ import annotations

@@ -1,15 +1,20 @@
-"""Metrics sinks: a console progress line, metrics.jsonl in the run folder, and W&B when enabled."""
+"""Metrics sinks (rank 0 only): a console progress line, metrics.jsonl in the run folder, and W&B when enabled."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from vlm_train.train.config import LoggerConfig
+from vlm_train.train.schedule import Position
+from vlm_train.train.step import StepResult
 
 log = logging.getLogger("vlm_train")
+METRICS_FILE = "metrics.jsonl"
 
 
 def format_duration(seconds: float) -> str:
@@ -19,16 +24,52 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
-class MetricsLogger:
-    """One `log(metrics)` per optimizer step; every sink sees the same numbers."""
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Drop rows after `last_step` (steps a resumed run will train again), so each step appears once."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(row + "\n" for row in rows))
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, total_steps: int, config: dict[str, Any]):
+
+def step_record(position: Position, stage: str, lrs: dict[str, float], r: StepResult, seconds: float,
+                skipped: dict[str, int], mfu: float | None) -> dict[str, Any]:  # fmt: skip
+    """The metrics of one optimizer step (all ranks together)."""
+    record: dict[str, Any] = {
+        "step": position.step, "stage": stage, "loss": r.loss, "grad_norm": r.grad_norm,
+        "lr": max(lrs.values(), default=0.0),
+        **{f"lr/{name}": lr for name, lr in lrs.items() if not name.endswith("/no_decay")},
+        "tokens": position.tokens, "tokens_per_s": r.tokens / seconds, "samples_per_s": r.samples / seconds,
+        "supervised_tokens_per_s": r.supervised / seconds, "step_time_s": seconds,
+        "packing/llm_fill": r.llm_fill / max(r.packs, 1), "packing/vit_fill": r.vit_fill / max(r.packs, 1),
+        "tflops_per_s": r.flops / seconds / 1e12, "mfu": mfu,
+        "skipped_step": int(r.skipped is not None), "skipped_steps": sum(skipped.values()),
+        **{f"skipped_steps/{reason}": count for reason, count in skipped.items()},
+    }  # fmt: skip
+    for prefix, sums in (("loss/source", r.by_source), ("loss/task", r.by_task)):
+        record.update({f"{prefix}/{key}": total / count for key, (total, count) in sums.items() if count})
+    return record
+
+
+def _json_safe(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsLogger:
+    """One `log(metrics)` per optimizer step; every sink sees the same numbers. Off on ranks other than 0."""
+
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, total_steps: int, config: dict[str, Any],
+                 enabled: bool = True, start_step: int = 0):  # fmt: skip
         self.cfg = cfg
         self.total_steps = total_steps
+        self.enabled = enabled
         self.start = time.perf_counter()
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.start_step = start_step
+        self.last: dict[str, Any] = {}
+        self.file = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if enabled else None
         self.wandb_run = None
-        if cfg.wandb:
+        if cfg.wandb and enabled:
             import wandb  # only when asked for: it is slow to import
 
             # The API key is read by wandb from the environment (WANDB_API_KEY); it never enters the config.
@@ -39,21 +80,32 @@ class MetricsLogger:
                 mode=cfg.wandb_mode or None,
                 dir=str(run_dir),
                 config=config,
+                # One W&B run per run folder: a resumed launch continues it.
+                id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16],
+                resume="allow",
             )
 
     def log(self, metrics: dict[str, Any]) -> None:
+        self.last = metrics
+        if not self.enabled:
+            return
         step = int(metrics["step"])
-        self.file.write(json.dumps(metrics) + "\n")
+        assert self.file is not None
+        # NaN is not JSON: a skipped step's loss is written as null (the console still says nan).
+        self.file.write(json.dumps({k: _json_safe(v) for k, v in metrics.items()}) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+            self.wandb_run.log({k: v for k, v in metrics.items() if k != "step" and v is not None}, step=step)
         if step == 1 or step % max(self.cfg.console_interval, 1) == 0 or step == self.total_steps:
             elapsed = time.perf_counter() - self.start
-            eta = elapsed / step * (self.total_steps - step)
+            done = max(step - self.start_step, 1)
+            eta = elapsed / done * max(self.total_steps - step, 0)
+            mfu = metrics.get("mfu")
             log.info(
-                "step %d/%d [%s] loss %.4f | lr %.2e | %.0f tok/s | %.1f samples/s | elapsed %s | eta %s",
+                "step %d/%d [%s] loss %.4f | lr %.2e | %.0f tok/s | %.1f samples/s | %s | elapsed %s | eta %s",
                 step, self.total_steps, metrics.get("stage", "?"), metrics["loss"], metrics.get("lr", 0.0),
                 metrics.get("tokens_per_s", 0.0), metrics.get("samples_per_s", 0.0),
+                f"MFU {mfu:.1%}" if mfu is not None else f"{metrics.get('tflops_per_s', 0.0):.3f} TFLOP/s",
                 format_duration(elapsed), format_duration(eta),
             )  # fmt: skip
 
@@ -62,6 +114,7 @@ class MetricsLogger:
             self.wandb_run.summary.update(values)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()

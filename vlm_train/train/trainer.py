@@ -3,193 +3,241 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from vlm_train.data.batch import PackedBatch
-from vlm_train.data.loader import build_loader
-from vlm_train.model.vlm import VLM
-from vlm_train.train import loss as L
-from vlm_train.train.builders import DataSetup, build_data, build_model, build_stream, pick_device
-from vlm_train.train.checkpoint import save_checkpoint
+from vlm_train.train import distributed as D
+from vlm_train.train.builders import build_data, build_model, pick_device
+from vlm_train.train.checkpoint import load_model_weights, load_rng
 from vlm_train.train.config import Config, StageConfig
-from vlm_train.train.curriculum import build_optimizer, set_lr, set_trainable, validate_curriculum
-from vlm_train.train.evaluate import predict, score, select_heldout
-from vlm_train.train.metrics import MetricsLogger, format_duration
+from vlm_train.train.curriculum import group_lrs, param_groups, set_trainable, stage_loss, validate_curriculum
+from vlm_train.train.engine import build_engine
+from vlm_train.train.evaluate import evaluate_and_report
+from vlm_train.train.guards import FaultInjector, Guard, StopSignal
+from vlm_train.train.metrics import MetricsLogger, format_duration, step_record, truncate_metrics
+from vlm_train.train.resume import Resume, loader_state, open_resume, save_training_state
+from vlm_train.train.schedule import Position, estimate_total_steps
+from vlm_train.train.stage_data import RankData
+from vlm_train.train.step import StepResult, finish_step, forward_backward, pack_stats
+from vlm_train.train.throughput import device_peak_flops, memory_gb, mfu
 
 log = logging.getLogger("vlm_train")
 
 
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    skipped: bool
-    tokens: int
-    samples: int
-    by_source: dict[str, tuple[float, int]] = field(default_factory=dict)
-    by_task: dict[str, tuple[float, int]] = field(default_factory=dict)
+class Trainer:
+    """Owns the run's components; `train()` runs the curriculum from wherever the run stands."""
+
+    def __init__(self, cfg: Config, run_dir: Path, dist: D.DistInfo):
+        self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        if dist.is_main:
+            (run_dir / "config.yaml").write_text(self.config_yaml)
+        if cfg.engine.threads > 0:
+            torch.set_num_threads(cfg.engine.threads)
+        self.device = pick_device(cfg.engine.device, dist.local_rank)
+        torch.manual_seed(cfg.run.seed)
+        self.setup = build_data(cfg.data, cfg.model)
+        self.resume = open_resume(run_dir, cfg.train.resume, dist.world_size, cfg.engine.name, cfg.engine.zero_stage)
+        model = build_model(cfg.model, self.setup, load_hf=self.resume is None)
+        validate_curriculum(cfg.curriculum, model, cfg.loss)
+        if self.resume is not None:
+            load_model_weights(model, self.resume.folder)
+        self.engine = build_engine(cfg.engine, cfg.train, model, lambda: build_model(cfg.model, self.setup, False),
+                                   self.device, dist)  # fmt: skip
+        self.faults = FaultInjector(cfg.train.fault, dist.rank)
+        self.data = RankData(self.setup, cfg.data, cfg.model, cfg.run.seed, dist.rank, dist.world_size, self.faults)
+        self.guard = Guard(cfg.train.guard)
+        self.position = Position()
+        self.saved_step, self.saved = -1, run_dir
+        if self.resume is not None and self.resume.state is not None:
+            self.position = Position.from_state(self.resume.state["position"])
+            _check_curriculum(self.resume.state, cfg.curriculum.stages, self.position)
+            self.guard.load_state_dict(self.resume.state["guard"])
+            self.saved_step, self.saved = self.position.step, self.resume.folder
+            if dist.is_main:
+                truncate_metrics(run_dir, self.position.step)
+        self.stop = StopSignal().install()
+        self.peak = device_peak_flops(self.device, cfg.logger.peak_tflops)
+        stages = cfg.curriculum.stages
+        self.metrics = MetricsLogger(run_dir, cfg.logger, estimate_total_steps(stages, self.position, 1.0),
+                                     OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main,
+                                     self.position.step)  # fmt: skip
+        log.info("run folder %s | model %.2fM parameters | engine %s%s | %d rank(s) | device %s%s", run_dir,
+                 model.num_parameters() / 1e6, cfg.engine.name,
+                 f" ZeRO-{cfg.engine.zero_stage}" if cfg.engine.name == "deepspeed" else "", dist.world_size,
+                 self.device, f" | resuming from {self.resume.folder}" if self.resume else "")  # fmt: skip
+
+    # ---- the curriculum ---------------------------------------------------------------------------------------
+
+    def train(self) -> str:
+        """Run the stages from the current position; returns why it stopped: done, exit_at_step or signal."""
+        stages = self.cfg.curriculum.stages
+        resume = self.resume if self.resume is not None and self.resume.state is not None else None
+        saved_stage = self.position.stage
+        while self.position.stage < len(stages) - 1 and self.position.stage_done(stages[self.position.stage]):
+            self.position.next_stage()  # the checkpoint was taken at the end of a stage
+        while True:
+            stage = stages[self.position.stage]
+            self._enter_stage(stage, resume, same_stage=resume is not None and saved_stage == self.position.stage)
+            if resume is not None:
+                load_rng(resume.folder, self.dist.rank)  # last, right before the first step it was saved for
+                resume = None
+            while not self.position.stage_done(stage):
+                result = self._step(stage)
+                reason = self._after_step(result)
+                if reason:
+                    return reason
+            if self.position.stage == len(stages) - 1:
+                return "done"
+            self.position.next_stage()
+
+    def _enter_stage(self, stage: StageConfig, resume: Resume | None, same_stage: bool) -> None:
+        """A new optimizer over the stage's trainable groups, the stage's data and loss; from `resume` if given."""
+        cfg = self.cfg
+
+        def make_groups(module: torch.nn.Module) -> list[dict]:
+            set_trainable(module, stage.trainable)
+            return param_groups(module, stage, cfg.curriculum.groups, cfg.train)
+
+        self.engine.start_stage(make_groups)
+        if resume is not None and same_stage:
+            self.engine.load_optimizer(resume.folder)
+        self.data.enter(stage, loader_state(resume.folder, self.dist.rank) if resume is not None else None)
+        self.policy = stage_loss(cfg.loss, stage)
+        # ZeRO-3 leaves a partition in each parameter; ds_numel is its full size.
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.model.parameters() if p.requires_grad)
+        length = f"{stage.steps} steps" if stage.steps else f"{stage.tokens} tokens"
+        log.info("stage %d '%s': %s, %.2fM trainable parameters (%s)", self.position.stage + 1, stage.name, length,
+                 trainable / 1e6, ", ".join(stage.trainable))  # fmt: skip
+
+    def _step(self, stage: StageConfig) -> StepResult:
+        started = time.perf_counter()
+        lrs = group_lrs(stage, self.position.step_in_stage, self.position.tokens_in_stage, self.engine.param_groups())
+        self.engine.set_lrs(lrs)
+        packs = self.data.next_packs(self.cfg.train.micro_batches)
+        step = self.position.step + 1
+        result = forward_backward(self.engine, packs, self.policy, nan=self.faults.nan_loss(step),
+                                  inf_grad=lambda model: self.faults.inf_grad(step, model))  # fmt: skip
+        pack_stats(result, packs, self.engine, *self.data.budgets)
+        result = finish_step(self.engine, result, self.guard, self.stop.received)
+        self.position.advance(result.tokens)
+        self.guard.record(self.position.step, result.loss, result.skipped)
+        self.metrics.total_steps = estimate_total_steps(self.cfg.curriculum.stages, self.position,
+                                                        self.position.tokens / max(self.position.step, 1))  # fmt: skip
+        seconds = time.perf_counter() - started
+        record = step_record(self.position, stage.name, lrs, result, seconds, self.guard.skipped,
+                             mfu(result.flops, seconds, self.peak, self.dist.world_size))  # fmt: skip
+        record.update(self._data_skips())
+        record.update(memory_gb(self.device))
+        self.metrics.log(record)
+        return result
+
+    def _after_step(self, result: StepResult) -> str | None:
+        """Save when asked to; the reason to stop now, if any."""
+        step, train = self.position.step, self.cfg.train
+        self.faults.after_step(step)
+        stages = self.cfg.curriculum.stages
+        finished = self.position.stage == len(stages) - 1 and self.position.stage_done(stages[-1])
+        reason = "signal" if result.stop else "exit_at_step" if step == train.exit_at_step and not finished else None
+        interval = self.cfg.checkpoint.interval
+        if reason or (interval > 0 and step % interval == 0):
+            self.save()
+        if reason:
+            log.warning("stopping after step %d (%s); checkpoint saved, the next launch resumes", step,
+                        "SIGTERM" if reason == "signal" else f"train.exit_at_step={train.exit_at_step}")  # fmt: skip
+        return reason
+
+    def _data_skips(self) -> dict[str, int]:
+        """data/skipped/<source>/<reason>, summed over ranks."""
+        total: dict[str, int] = {}
+        for skipped in D.all_gather_object(self.data.skipped()):
+            for key, count in skipped.items():
+                total[f"data/skipped/{key}"] = total.get(f"data/skipped/{key}", 0) + count
+        return total
+
+    def save(self) -> Path:
+        stages = self.cfg.curriculum.stages
+        state = {
+            "step": self.position.step, "position": self.position.state_dict(), "guard": self.guard.state_dict(),
+            "world_size": self.dist.world_size, "engine": self.cfg.engine.name, "zero_stage": self.cfg.engine.zero_stage,
+            "stage_name": stages[self.position.stage].name, "stages": [s.name for s in stages],
+        }  # fmt: skip
+        self.saved = save_training_state(self.run_dir, self.position.step, self.engine, self.data.state_dict(), state,
+                                         self.config_yaml, self.setup.tokenizer, self.cfg.checkpoint.keep_last)  # fmt: skip
+        self.saved_step = self.position.step
+        return self.saved
+
+    def close(self) -> None:
+        self.stop.uninstall()
+        self.engine.close()
+        self.data.close()
+        self.metrics.close()
 
 
-def _merge_sums(into: dict[str, tuple[float, int]], new: dict[str, tuple[float, int]]) -> None:
-    for key, (total, count) in new.items():
-        old_total, old_count = into.get(key, (0.0, 0))
-        into[key] = (old_total + total, old_count + count)
+def _check_curriculum(state: dict[str, Any], stages: list[StageConfig], position: Position) -> None:
+    """A resumed run must still have the stage it stopped in; other changes to the curriculum are allowed."""
+    names = [s.name for s in stages]
+    if position.stage >= len(stages):
+        raise ValueError(f"the checkpoint is in stage {position.stage + 1} ({state.get('stage_name')!r}) but "
+                         f"curriculum.stages has {len(stages)}: {names}")  # fmt: skip
+    if state.get("stages") != names:
+        log.warning("the curriculum changed since the checkpoint (stages %s, now %s): continuing in stage %d (%s)",
+                    state.get("stages"), names, position.stage + 1, names[position.stage])  # fmt: skip
 
 
-def train_step(
-    model: VLM, optimizer: torch.optim.Optimizer, packs: list[PackedBatch], cfg: Config, device: torch.device
-) -> StepResult:
-    """One optimizer step over `packs` (its micro-batches), the loss normalised over all of them."""
-    totals = sum((L.pack_totals(p) for p in packs), L.StepTotals(0, 0))
-    step_loss = 0.0
-    result = StepResult(0.0, 0.0, False, sum(p.num_tokens for p in packs), sum(p.num_samples for p in packs))
-    for pack in packs:
-        pack = pack.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            hidden = model(pack, return_logits=False).hidden
-            # Logits chunk by chunk from the hidden states: never [T, vocab] in fp32 at once.
-            token_losses = L.token_cross_entropy(hidden, pack.labels, head=model.llm.lm_head)
-        micro_loss = L.weighted_loss(token_losses, L.token_coefficients(pack, totals, cfg.loss.per_sample_weight))
-        micro_loss.backward()
-        step_loss += float(micro_loss.detach())
-        _merge_sums(result.by_source, L.loss_sums_by(pack, token_losses, "source"))
-        _merge_sums(result.by_task, L.loss_sums_by(pack, token_losses, "task"))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf)
-    result.loss, result.grad_norm = step_loss, float(grad_norm)
-    # A non-finite loss or gradient would poison the weights: skip the update, count it.
-    result.skipped = not (math.isfinite(step_loss) and math.isfinite(result.grad_norm))
-    if not result.skipped:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return result
-
-
-def _step_metrics(step: int, stage: StageConfig, lr: float, result: StepResult, seconds: float) -> dict[str, Any]:
-    metrics: dict[str, Any] = {
-        "step": step,
-        "stage": stage.name,
-        "loss": result.loss,
-        "grad_norm": result.grad_norm,
-        "lr": lr,
-        "tokens_per_s": result.tokens / seconds,
-        "samples_per_s": result.samples / seconds,
-        "step_time_s": seconds,
-        "skipped_step": int(result.skipped),
-    }
-    for prefix, sums in (("loss/source", result.by_source), ("loss/task", result.by_task)):
-        for key, (total, count) in sums.items():
-            if count:
-                metrics[f"{prefix}/{key}"] = total / count
-    return metrics
-
-
-def _next_packs(batches: Iterator[PackedBatch], count: int, skipped: Counter) -> list[PackedBatch]:
-    packs = [next(batches) for _ in range(count)]
-    for pack in packs:
-        skipped.update(pack.skipped)
-    return packs
+def shared_run_dir(run_dir: str) -> Path:
+    """Rank 0's run folder on every rank (made once)."""
+    path = Path(D.broadcast_object(run_dir))
+    if D.env_info().is_main:
+        path.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+    return path
 
 
 def run(cfg: Config) -> dict[str, Any]:
     """Train through every stage of the curriculum, save, evaluate, and write summary.json."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = D.env_info().world_size
     if cfg.engine.name == "single" and world_size > 1:
-        raise RuntimeError(f"engine=single trains in one process, but WORLD_SIZE={world_size}: launch one process")
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    structured = OmegaConf.structured(cfg)
-    config_yaml = OmegaConf.to_yaml(structured)
-    (run_dir / "config.yaml").write_text(config_yaml)
-    if cfg.engine.threads > 0:
-        torch.set_num_threads(cfg.engine.threads)
-    device = pick_device(cfg.engine.device)
-    torch.manual_seed(cfg.run.seed)
+        raise RuntimeError(f"engine=single trains in one process, but WORLD_SIZE={world_size}: launch one "
+                           "process, or use engine=deepspeed under torchrun")  # fmt: skip
+    dist = D.init_process_group()
+    run_dir = shared_run_dir(cfg.run.dir)
+    if not dist.is_main:
+        log.setLevel(logging.WARNING)  # one progress log, from rank 0
+    trainer = Trainer(cfg, run_dir, dist)
+    try:
+        started = time.perf_counter()
+        reason = trainer.train()
+        train_seconds = time.perf_counter() - started
+        if reason != "done":
+            return {"steps": trainer.position.step, "stopped": reason}
+        final = trainer.save() if trainer.saved_step != trainer.position.step else trainer.saved
+        log.info("trained %d steps in %s; checkpoint %s", trainer.position.step, format_duration(train_seconds), final)
+        model = trainer.engine.export_model()  # collective under ZeRO-3
+        trainer.engine.close()
+        summary = _summary(trainer, train_seconds, final)
+        if dist.is_main:
+            if cfg.eval.enabled and trainer.setup.heldout_urls:
+                assert model is not None
+                summary.update(evaluate_and_report(model, trainer.setup, cfg, trainer.device, run_dir))
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            trainer.metrics.summary(summary)
+        return summary
+    finally:
+        trainer.close()
+        D.shutdown()
 
-    setup = build_data(cfg.data, cfg.model)
-    model = build_model(cfg.model, setup).to(device)
-    validate_curriculum(cfg.curriculum, model)
-    total_steps = sum(stage.steps for stage in cfg.curriculum.stages)
-    log.info("run folder %s | model %.2fM parameters | device %s", run_dir, model.num_parameters() / 1e6, device)
 
-    metrics = MetricsLogger(run_dir, cfg.logger, total_steps, OmegaConf.to_container(structured))
-    batches = iter(build_loader(build_stream(setup, cfg.data, seed=cfg.run.seed), cfg.data.num_workers))
-    skipped_data: Counter = Counter()
-    skipped_steps = 0
-    step, last_loss = 0, float("nan")
-    started = time.perf_counter()
-    model.train()
-    for stage_index, stage in enumerate(cfg.curriculum.stages):
-        trainable = set_trainable(model, stage.trainable)
-        optimizer = build_optimizer(trainable, stage, cfg.train)
-        log.info("stage %d '%s': %d steps, %.2fM trainable parameters (%s)", stage_index + 1, stage.name,
-                 stage.steps, sum(p.numel() for p in trainable) / 1e6, ", ".join(stage.trainable))  # fmt: skip
-        for step_in_stage in range(stage.steps):
-            step_started = time.perf_counter()
-            lr = set_lr(optimizer, stage, step_in_stage)
-            packs = _next_packs(batches, cfg.train.micro_batches, skipped_data)
-            result = train_step(model, optimizer, packs, cfg, device)
-            step += 1
-            skipped_steps += int(result.skipped)
-            last_loss = result.loss
-            record = _step_metrics(step, stage, lr, result, time.perf_counter() - step_started)
-            record["skipped_steps"] = skipped_steps
-            record.update({f"data/skipped/{reason}": count for reason, count in skipped_data.items()})
-            metrics.log(record)
-            if cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0 and step < total_steps:
-                save_checkpoint(run_dir, step, model, optimizer, {"step": step, "stage": stage_index}, config_yaml,
-                                setup.tokenizer, cfg.checkpoint.keep_last)  # fmt: skip
-    train_seconds = time.perf_counter() - started
-    final = save_checkpoint(run_dir, step, model, optimizer, {"step": step, "stage": len(cfg.curriculum.stages) - 1},
-                            config_yaml, setup.tokenizer, cfg.checkpoint.keep_last)  # fmt: skip
-    log.info("trained %d steps in %s; checkpoint %s", step, format_duration(train_seconds), final)
-
-    summary: dict[str, Any] = {
-        "steps": step,
-        "final_loss": last_loss,
-        "skipped_steps": skipped_steps,
+def _summary(trainer: Trainer, train_seconds: float, final: Path) -> dict[str, Any]:
+    return {
+        "steps": trainer.position.step,
+        "final_loss": trainer.metrics.last.get("loss", float("nan")),
+        "skipped_steps": trainer.guard.total_skipped,
         "train_seconds": train_seconds,
         "checkpoint": str(final),
-        **{f"data/skipped/{reason}": count for reason, count in skipped_data.items()},
+        **trainer._data_skips(),
     }
-    if cfg.eval.enabled and setup.heldout_urls:
-        summary.update(evaluate_and_report(model, setup, cfg, device, run_dir))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    metrics.summary(summary)
-    metrics.close()
-    return summary
-
-
-def evaluate_and_report(model: VLM, setup: DataSetup, cfg: Config, device: torch.device, run_dir: Path) -> dict[str, Any]:
-    """Score the held-out split, print a few examples, and keep every prediction in heldout_predictions.jsonl."""
-    started = time.perf_counter()
-    samples = select_heldout(setup.heldout_urls, cfg.eval, cfg.data.image.max_decode_pixels)
-    predictions = predict(model, setup.encoder, samples, cfg.eval, device)
-    scores = score(predictions)
-    with open(run_dir / "heldout_predictions.jsonl", "w", encoding="utf-8") as f:
-        for p in predictions:
-            f.write(json.dumps(p.__dict__) + "\n")
-    shown: list = []
-    for task in ("caption", "grounding"):
-        shown += [p for p in predictions if p.task == task][: max(cfg.eval.show_examples // 2, 1)]
-    print("\nHeld-out examples:")
-    for p in shown:
-        mark = "ok " if p.correct else "MISS"
-        print(f"  [{mark}] {p.task:9s} image {p.image:12s} | prompt: {p.prompt.replace('<image>', '')!r}")
-        print(f"         expected: {p.expected!r}\n         generated: {p.generated!r}")
-    print(
-        f"Held-out score: caption exact match {scores['heldout_exact_match']:.3f} "
-        f"({scores['heldout_exact_match_n']} samples), grounding IoU>=0.5 accuracy "
-        f"{scores['heldout_grounding_acc']:.3f} ({scores['heldout_grounding_acc_n']} samples), "
-        f"in {time.perf_counter() - started:.1f}s\n"
-    )
-    return scores

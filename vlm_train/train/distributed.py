@@ -1,0 +1,88 @@
+"""torch.distributed for the trainer: one process group, set up from torchrun's environment, and small helpers
+that are no-ops in a single process."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def env_info() -> DistInfo:
+    """Rank, world size and local rank as torchrun sets them (a plain launch is rank 0 of 1)."""
+    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                    int(os.environ.get("LOCAL_RANK", "0")))  # fmt: skip
+
+
+def init_process_group(timeout_minutes: int = 30) -> DistInfo:
+    """Join torchrun's process group once (gloo for CPU tensors, NCCL for CUDA ones when there is a GPU)."""
+    info = env_info()
+    if info.active and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(info.local_rank)
+            backend = "cpu:gloo,cuda:nccl"
+        else:
+            backend = "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return info
+
+
+def shared_start_time() -> datetime.datetime:
+    """Rank 0's clock, so that `${now:...}` in run.dir names one folder on every rank."""
+    now = datetime.datetime.now()
+    if not dist.is_initialized():
+        return now
+    box = [now.timestamp()]
+    dist.broadcast_object_list(box, src=0)
+    return datetime.datetime.fromtimestamp(box[0])
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place over all ranks (sum or max); the tensor is returned for chaining."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

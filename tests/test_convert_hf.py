@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from helpers import encoder, sample, tiny_tokenizer
 from vlm_train.data.packer import collate
 from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
+from vlm_train.model.vit import float_pixel_values
 from vlm_train.train.checkpoint import load_model_weights, save_checkpoint
 from vlm_train.train.config import Config
 
@@ -62,7 +63,8 @@ def test_checkpoint_to_hf_and_back(tmp_path, capsys):
             kwargs = {}
             if grid.shape[0]:
                 patches = slice(*_patch_range(batch, i))
-                kwargs = dict(pixel_values=batch.pixel_values[patches], image_grid_thw=grid,
+                hf_pixels = float_pixel_values(batch.pixel_values[patches], model.cfg.vision.patch_dim)
+                kwargs = dict(pixel_values=hf_pixels, image_grid_thw=grid,
                               mm_token_type_ids=(ids == model.image_token_id).int())
             expected = hf_model(input_ids=ids, **kwargs).logits[0]
             torch.testing.assert_close(ours[start:end], expected, atol=1e-4, rtol=1e-4)

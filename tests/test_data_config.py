@@ -38,3 +38,16 @@ def test_shell_command_urls_need_the_config_to_allow_them(tmp_path):
     (tmp_path / "conf" / "data" / "nourls.yaml").write_text("sources:\n  - name: web\n")
     with pytest.raises(Exception, match=r"sources\[0\]\.urls"):
         _config(tmp_path / "conf", "data=nourls")
+
+
+def test_resize_method_is_chosen_from_the_data_config():
+    from vlm_train.train.builders import patch_spec
+    from vlm_train.model.config import ModelConfig
+    from vlm_train.data.config import DataConfig
+
+    data = DataConfig()
+    data.image.resize = "torch"
+    assert patch_spec(ModelConfig(), data).resize == "torch"
+    data.image.resize = "lanczos"
+    with pytest.raises(ValueError, match="resize"):
+        patch_spec(ModelConfig(), data)

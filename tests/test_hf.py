@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from helpers import encoder, noise_image, tiny_tokenizer
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
+from vlm_train.data.image import normalise_patches
 from vlm_train.data.packer import collate
 from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
 from vlm_train.model.hf import (
@@ -22,6 +23,7 @@ from vlm_train.model.hf import (
     to_hf,
 )
 from vlm_train.model.hf_weights import CheckpointMismatch
+from vlm_train.model.vit import float_pixel_values
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,7 +84,8 @@ def _hf_logits(hf_model, encoded):
     ids = torch.from_numpy(encoded.input_ids)[None]
     kwargs = {}
     if encoded.image_grid_thw.shape[0]:
-        kwargs = dict(pixel_values=torch.from_numpy(encoded.pixel_values),
+        # HF takes normalised float patches with the frame repeated; ours get the loader's uint8 (see _assert_pack...).
+        kwargs = dict(pixel_values=torch.from_numpy(normalise_patches(encoded.pixel_values, 2)),
                       image_grid_thw=torch.from_numpy(encoded.image_grid_thw),
                       mm_token_type_ids=(ids == hf_model.config.image_token_id).int())
     with torch.no_grad():
@@ -92,6 +95,7 @@ def _hf_logits(hf_model, encoded):
 def _assert_pack_matches_hf(ours: VLM, hf_model):
     samples = _samples()
     batch = collate(samples)
+    assert batch.pixel_values.dtype == torch.uint8  # the model normalises and repeats the frame itself
     with torch.no_grad():
         logits = ours(batch).logits
     bounds = batch.cu_seqlens.tolist()
@@ -170,9 +174,12 @@ def test_vision_tower_and_merger_only(hf_vl_dir):
     load_vision_from_hf(ours, hf_vl_dir)
     batch = collate(_samples())
     with torch.no_grad():
-        expected = hf_model.model.visual(batch.pixel_values, grid_thw=batch.image_grid_thw).pooler_output
-        got = ours.encode_images(batch.pixel_values, batch.image_grid_thw)
+        hf_pixels = float_pixel_values(batch.pixel_values, vision.patch_dim)
+        expected = hf_model.model.visual(hf_pixels, grid_thw=batch.image_grid_thw).pooler_output
+        got = ours.encode_images(batch.pixel_values, batch.image_grid_thw)  # uint8, as the loader gives
+        from_float = ours.encode_images(hf_pixels, batch.image_grid_thw)  # float, as HF callers give
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(from_float, got, atol=0, rtol=0)
     assert torch.equal(ours.llm.layers[0].mlp.up_proj.weight, llm_before)
 
 

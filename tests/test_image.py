@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     Qwen2VLImageProcessorPil,
@@ -9,6 +10,8 @@ from vlm_train.data.image import (
     ImageSampling,
     PatchSpec,
     image_to_patches,
+    normalise_patches,
+    resize_image,
     scaled_size,
     smart_resize,
     window_positions,
@@ -25,7 +28,45 @@ def test_patches_equal_the_qwen2_vl_image_processor(size):
     )
     patches, grid = image_to_patches(image, spec)
     assert list(grid) == reference["image_grid_thw"][0].tolist()
-    np.testing.assert_allclose(patches, reference["pixel_values"], atol=1e-5)
+    # The loader carries raw pixels of one frame; normalised and repeated over t they are HF's pixel_values.
+    assert patches.dtype == np.uint8 and patches.shape == (reference["pixel_values"].shape[0], spec.pixel_dim)
+    expanded = normalise_patches(patches, spec.temporal_patch_size)
+    assert expanded.dtype == np.float32 and expanded.shape == reference["pixel_values"].shape
+    np.testing.assert_allclose(expanded, reference["pixel_values"], atol=1e-5)
+
+
+def test_model_side_normalisation_equals_the_data_side_bit_for_bit():
+    from vlm_train.model.vit import float_pixel_values
+
+    spec = PatchSpec(min_pixels=56 * 56, max_pixels=168 * 168)
+    every_value = np.arange(256, dtype=np.uint8).repeat(3)  # each level in each channel
+    image = Image.fromarray(np.resize(every_value, (84, 112, 3)))
+    patches, _ = image_to_patches(image, spec)
+    expected = torch.from_numpy(normalise_patches(patches, spec.temporal_patch_size))
+    got = float_pixel_values(torch.from_numpy(patches), spec.patch_dim)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    # Rows that already hold all t frames are only normalised.
+    two_frames = torch.from_numpy(patches).view(-1, 3, 1, 196).expand(-1, 3, 2, 196).reshape(-1, spec.patch_dim)
+    assert torch.equal(float_pixel_values(two_frames, spec.patch_dim), expected)
+    with pytest.raises(ValueError, match="uint8"):
+        float_pixel_values(expected, spec.patch_dim)
+
+
+def test_torch_resize_is_within_a_few_levels_of_pil():
+    rng = np.random.default_rng(1)
+    y, x = np.mgrid[0:300, 0:410]
+    smooth = np.stack([127 + 100 * np.sin(x / (9 + 4 * c) + y / 23) for c in range(3)], -1)  # photo-like gradients
+    image = Image.fromarray((smooth + rng.normal(0, 4, smooth.shape)).clip(0, 255).astype(np.uint8))
+    for height, width in [(280, 392), (588, 812), (112, 168)]:  # near 1:1, upscale, downscale
+        pil = resize_image(image, height, width, "pil").astype(int)
+        fast = resize_image(image, height, width, "torch").astype(int)
+        assert fast.shape == pil.shape == (height, width, 3)
+        assert np.abs(fast - pil).max() <= 8 and np.abs(fast - pil).mean() < 0.05  # mostly equal, a few +-1
+    assert np.array_equal(resize_image(image, 300, 410, "torch"), np.asarray(image))  # same size: untouched
+    fast_spec = PatchSpec(min_pixels=56 * 56, max_pixels=168 * 168, resize="torch")
+    assert image_to_patches(image, fast_spec)[1] == image_to_patches(image, PatchSpec(max_pixels=168 * 168))[1]
+    with pytest.raises(ValueError, match="resize method"):
+        PatchSpec(resize="cv2")
 
 
 def test_smart_resize_keeps_bounds_and_multiples():

@@ -11,6 +11,7 @@ from vlm_train.data.batch import IGNORE_INDEX, PackedBatch
 from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
 from vlm_train.model.llm import DecoderLM
 from vlm_train.model.rope import inv_frequencies, mrope_cos_sin
+from vlm_train.model.vit import float_pixel_values
 
 VOCAB = 96
 IMAGE_ID = 7
@@ -174,6 +175,36 @@ def test_image_token_count_mismatch_is_a_value_error():
     text["input_ids"][0] = IMAGE_ID
     with pytest.raises(ValueError, match="no image patches"):
         model(pack([text]))
+
+
+def test_loader_uint8_pixels_equal_their_normalised_float_patches():
+    """One frame of raw uint8 per patch (the loader's layout) and HF's normalised float patches are the same input."""
+    vision = VisionConfig()
+    g = torch.Generator().manual_seed(3)
+    samples = [make_sample(WITH_IMAGE, 1), make_sample(OTHER, 2)]
+    for s in samples:
+        s["pixels"] = [torch.randint(0, 256, (p.shape[0], vision.patch_dim // 2), generator=g, dtype=torch.uint8)
+                       for p in s["pixels"]]
+    raw = pack(samples)
+    expanded = dataclasses.replace(raw, pixel_values=float_pixel_values(raw.pixel_values, vision.patch_dim))
+    model = make_model()
+    with torch.no_grad():
+        assert torch.equal(model(raw).logits, model(expanded).logits)
+        # bf16 weights: normalised in float32 and cast after, as a float32 input is.
+        model = model.to(torch.bfloat16)
+        half = model.encode_images(raw.pixel_values, raw.image_grid_thw)
+        assert half.dtype == torch.bfloat16
+        assert torch.equal(half, model.encode_images(expanded.pixel_values, raw.image_grid_thw))
+
+
+def test_pixel_values_of_another_layout_are_a_clear_error():
+    model, grid, patch_dim = make_model(), torch.tensor([[1, 2, 2]]), VisionConfig().patch_dim
+    with pytest.raises(ValueError, match=r"expected C\*p\*p = 588 \(one frame\)"):
+        model.encode_images(torch.zeros(4, 100, dtype=torch.uint8), grid)
+    with pytest.raises(ValueError, match="all t frames"):
+        model.encode_images(torch.zeros(4, patch_dim // 2), grid)  # float patches of one frame
+    with pytest.raises(ValueError, match=r"uint8 \(raw pixels\) or float"):
+        model.encode_images(torch.zeros(4, patch_dim, dtype=torch.int64), grid)
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_grads():

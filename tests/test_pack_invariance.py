@@ -9,6 +9,7 @@ from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
 from vlm_train.data.packer import PackConfig, Packer, collate
 from vlm_train.model import VLM, ModelConfig
+from vlm_train.model.vit import float_pixel_values
 from vlm_train.train import loss as L
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
@@ -98,7 +99,8 @@ def test_no_gradient_flows_between_samples():
     enc, model = encoder(), _model()
     pack = [enc.encode(sample(f"g{i}", "a red circle", images=2, seed=i)) for i in range(3)]
     batch = collate(pack)
-    batch.pixel_values.requires_grad_(True)
+    # Gradients are taken with respect to the normalised float patches the model makes of the loader's uint8.
+    batch.pixel_values = float_pixel_values(batch.pixel_values, model.cfg.vision.patch_dim).requires_grad_(True)
     losses = L.token_cross_entropy(model(batch).logits, batch.labels)
     _segment(losses, batch, 1).sum().backward()
     per_row = batch.pixel_values.grad.abs().sum(-1)

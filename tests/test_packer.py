@@ -58,6 +58,20 @@ def test_collate_boundaries_labels_and_positions():
     assert batch.vit_cu_seqlens.tolist() == [0, *np.cumsum(image_patches).tolist()]
     assert batch.pixel_values.shape[0] == sum(image_patches)
     assert [m["key"] for m in batch.meta] == ["s0", "s1", "s2", "s3"]
+    # Raw uint8 pixels of one frame per patch, each sample's rows in order, unchanged by to().
+    assert batch.pixel_values.dtype == torch.uint8 and batch.pixel_values.shape[1] == SPEC.pixel_dim
+    assert torch.equal(batch.pixel_values, torch.from_numpy(np.concatenate([s.pixel_values for s in samples])))
+    assert batch.to("cpu").pixel_values.dtype == torch.uint8
+
+
+def test_collate_refuses_samples_with_different_pixel_layouts():
+    with_image, text_only, other = _encoded(3, images=1)[0], _encoded(1, images=0)[0], _encoded(1, images=1)[0]
+    assert collate([text_only]).pixel_values.shape == (0, SPEC.pixel_dim)
+    text_only.pixel_values = np.zeros((0, SPEC.patch_dim), np.float32)  # an empty array of another layout is fine
+    assert collate([with_image, text_only]).pixel_values.dtype == torch.uint8
+    other.pixel_values = other.pixel_values.astype(np.float32)
+    with pytest.raises(ValueError, match="differ in dtype or width"):
+        collate([with_image, other])
 
 
 def test_packed_mrope_positions_are_transformers_get_rope_index_per_sample():

@@ -11,7 +11,14 @@ IGNORE_INDEX = -100
 
 @dataclass
 class PackedBatch:
-    """One pack: S samples and N images laid out flat, with boundary indices and no padding."""
+    """One pack: S samples and N images laid out flat, with boundary indices and no padding.
+
+    `pixel_values` from the loader are raw uint8 pixels, one frame per patch: [P, C*p*p], each row (C, p, p);
+    8x fewer bytes than float32 with the frame repeated over the temporal patch. The model's patch embedding
+    normalises them (CLIP mean/std, as HF's image processor) and repeats the frame t times on its device, which
+    gives exactly HF's float pixel_values [P, C*t*p*p] (data.image.normalise_patches); the model takes those too,
+    as HF callers pass them. `to()` moves the uint8 pixels unchanged: no cast to float before the model.
+    """
 
     input_ids: torch.Tensor  # int64 [T]
     labels: torch.Tensor  # int64 [T], shifted within each sample, IGNORE_INDEX where no loss
@@ -19,7 +26,7 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # int32 [S+1]
     max_seqlen: int
     sample_index: torch.Tensor  # int64 [T]: which sample of the pack each token belongs to
-    pixel_values: torch.Tensor  # float32 [P, C*t*p*p], patches of all images in merge order
+    pixel_values: torch.Tensor  # uint8 [P, C*p*p] (or normalised float [P, C*t*p*p]): all patches, merge order
     image_grid_thw: torch.Tensor  # int64 [N, 3]: frames, patch rows, patch columns
     vit_cu_seqlens: torch.Tensor  # int32 [N+1]
     vit_max_seqlen: int
@@ -45,7 +52,7 @@ class PackedBatch:
         return int(self.pixel_values.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
-        """A copy with every tensor moved to `device`."""
+        """A copy with every tensor moved to `device`, dtypes unchanged (uint8 pixels stay uint8)."""
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)

@@ -28,7 +28,7 @@ class EncodedSample:
     input_ids: np.ndarray  # int64 [L]
     labels: np.ndarray  # int64 [L]
     position_ids: np.ndarray  # int64 [3, L]
-    pixel_values: np.ndarray  # float32 [P, patch_dim]
+    pixel_values: np.ndarray  # uint8 [P, 3*p*p]: raw pixels of one frame per patch (see batch.PackedBatch)
     image_grid_thw: np.ndarray  # int64 [N, 3]
     meta: dict[str, Any] = field(default_factory=dict)
     patch_positions: np.ndarray | None = None  # int64 [P, 2] (row, column) of each patch; set when tokens drop
@@ -86,10 +86,10 @@ class _Builder:
         return ids, labels, np.concatenate(self.positions, axis=1).astype(np.int64)
 
 
-def _concat_patches(patches: list[np.ndarray], patch_dim: int) -> np.ndarray:
+def _concat_patches(patches: list[np.ndarray], pixel_dim: int) -> np.ndarray:
     if len(patches) == 1:
         return patches[0]  # no copy of the common one-image case
-    return np.concatenate(patches) if patches else np.zeros((0, patch_dim), np.float32)
+    return np.concatenate(patches) if patches else np.zeros((0, pixel_dim), np.uint8)
 
 
 def _concat_positions(positions: list[np.ndarray]) -> np.ndarray:
@@ -184,7 +184,7 @@ class Encoder:
             input_ids=ids,
             labels=labels,
             position_ids=positions,
-            pixel_values=_concat_patches(patches, self.spec.patch_dim),
+            pixel_values=_concat_patches(patches, self.spec.pixel_dim),
             image_grid_thw=np.asarray(grids, dtype=np.int64).reshape(-1, 3),
             meta=meta,
             patch_positions=_concat_positions(patch_positions) if self.sampling.drops else None,

@@ -134,7 +134,7 @@ def collate(
     grid_thw = torch.from_numpy(np.concatenate(grids)) if grids else torch.zeros((0, 3), dtype=torch.int64)
     # Per image, its patches in pixel_values: the whole grid, or (with token drop) the windows it kept.
     image_lengths = [n for s in samples for n in _patches_per_image(s, image_token_id)]
-    patch_dim = samples[0].pixel_values.shape[1]
+    pixels = _pixel_values(samples)
     with_positions = [s.patch_positions is not None for s in samples]
     if any(with_positions) and not all(with_positions):
         raise ValueError("cannot collate samples with and without patch_positions (token drop) into one pack")
@@ -146,7 +146,7 @@ def collate(
         cu_seqlens=_cu_seqlens(lengths),
         max_seqlen=max(lengths),
         sample_index=torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(lengths)),
-        pixel_values=torch.from_numpy(np.concatenate([s.pixel_values for s in samples]).reshape(-1, patch_dim)),
+        pixel_values=pixels,
         image_grid_thw=grid_thw,
         vit_cu_seqlens=_cu_seqlens(image_lengths),
         vit_max_seqlen=max(image_lengths, default=0),
@@ -154,6 +154,15 @@ def collate(
         skipped=dict(skipped or {}),
         patch_positions=None if positions is None else torch.from_numpy(positions),
     )
+
+
+def _pixel_values(samples: list[EncodedSample]) -> torch.Tensor:
+    """The samples' patches one after another, in their own dtype and width (uint8 [P, C*p*p] from the encoder)."""
+    arrays = [s.pixel_values for s in samples if s.pixel_values.shape[0]] or [samples[0].pixel_values]
+    layouts = {(str(a.dtype), a.shape[1]) for a in arrays}
+    if len(layouts) > 1:  # np.concatenate would silently upcast uint8 pixels to float
+        raise ValueError(f"cannot collate samples whose pixel_values differ in dtype or width: {sorted(layouts)}")
+    return torch.from_numpy(np.concatenate(arrays))
 
 
 def _patches_per_image(sample: EncodedSample, image_token_id: int | None) -> list[int]:

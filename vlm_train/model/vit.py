@@ -5,10 +5,13 @@ Submodule names mirror HF `Qwen2_5_VisionTransformerPretrainedModel`, so importi
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..data.image import PIXEL_SCALE, PIXEL_SHIFT
 from .attention import varlen_attention
 from .config import VisionConfig
 from .mlp import SwiGLU
@@ -17,15 +20,62 @@ from .rope import apply_rotary, inv_frequencies, vision_cos_sin_at
 from .vision_layout import VisionLayout, vision_layout
 
 
-class PatchEmbed(nn.Module):
-    """Flattened patch [C*t*p*p] -> hidden; HF's Conv3d with kernel == stride is this Linear."""
+def float_pixel_values(pixel_values: torch.Tensor, patch_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Loader patches uint8 [P, C*p*p] -> HF's normalised pixel_values [P, patch_dim = C*t*p*p] in `dtype`.
 
-    def __init__(self, patch_dim: int, hidden_size: int) -> None:
+    Normalises in float32 with data.image's constants, then repeats the frame t times (rows that already hold all
+    t frames are only normalised): the values equal data.image.normalise_patches, on any device, before the cast.
+    """
+    if pixel_values.dtype != torch.uint8 or pixel_values.dim() != 2:
+        raise ValueError(f"expected uint8 pixels [P, C*p*p], got {pixel_values.dtype} {list(pixel_values.shape)}")
+    n, width = pixel_values.shape
+    if width == 0 or width % 3 or patch_dim % width:
+        raise ValueError(f"uint8 pixel rows of {width} values do not repeat into patches of {patch_dim}")
+    scale, shift = _normalisation(pixel_values.device)
+    # Rows are (C, frames, p, p): one multiply-add per channel, the frames repeated after (no float copy before).
+    values = pixel_values.reshape(n, 3, 1, width // 3).to(torch.float32).mul_(scale).add_(shift)
+    out = torch.empty((n, 3, patch_dim // width, width // 3), dtype=dtype, device=pixel_values.device)
+    return out.copy_(values.expand_as(out)).view(n, patch_dim)
+
+
+@functools.lru_cache(maxsize=8)
+def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached per device: a host-to-device copy in every forward would wait for the queued GPU work.
+    as_tensor = lambda a: torch.from_numpy(a).to(device).view(1, 3, 1, 1)
+    return as_tensor(PIXEL_SCALE), as_tensor(PIXEL_SHIFT)
+
+
+class PatchEmbed(nn.Module):
+    """Patch -> hidden; HF's Conv3d with kernel == stride is this Linear over the flattened patch [C*t*p*p].
+
+    Takes the loader's uint8 pixels [P, C*p*p] (one frame; or all t frames), normalised and repeated over t here,
+    on the device, or float pixel_values [P, C*t*p*p] already normalised (what HF's image processor gives).
+    """
+
+    def __init__(self, patch_dim: int, hidden_size: int, temporal_patch_size: int = 1) -> None:
         super().__init__()
+        self.temporal_patch_size = temporal_patch_size  # the frames a one-frame uint8 patch is repeated into
         self.proj = nn.Linear(patch_dim, hidden_size, bias=False)
 
+    def check(self, pixel_values: torch.Tensor) -> None:
+        """Raise a clear error unless rows are uint8 of C*p*p or C*t*p*p values, or float of C*t*p*p."""
+        width, patch_dim = pixel_values.shape[-1], self.proj.in_features
+        if pixel_values.dtype == torch.uint8:
+            if width not in (patch_dim // self.temporal_patch_size, patch_dim):
+                raise ValueError(f"uint8 pixel_values rows have {width} values, expected C*p*p = "
+                                 f"{patch_dim // self.temporal_patch_size} (one frame) or C*t*p*p = {patch_dim}")
+        elif not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be uint8 (raw pixels) or float (normalised), got {pixel_values.dtype}")
+        elif width != patch_dim:
+            raise ValueError(f"pixel_values rows have {width} values, expected C*t*p*p = {patch_dim} for the vision "
+                             "config (float pixel_values are normalised patches with all t frames)")
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixel_values.to(self.proj.weight.dtype))
+        self.check(pixel_values)
+        dtype = self.proj.weight.dtype
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = float_pixel_values(pixel_values, self.proj.in_features, dtype)
+        return self.proj(pixel_values.to(dtype))
 
 
 class VisionAttention(nn.Module):
@@ -78,7 +128,7 @@ class VisionTransformer(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
-        self.patch_embed = PatchEmbed(cfg.patch_dim, cfg.hidden_size)
+        self.patch_embed = PatchEmbed(cfg.patch_dim, cfg.hidden_size, cfg.temporal_patch_size)
         self.blocks = nn.ModuleList(VisionBlock(cfg, attn_backend) for _ in range(cfg.depth))
 
     def layout(self, grid_thw: torch.Tensor, keep: torch.Tensor | None = None) -> VisionLayout:
@@ -88,14 +138,12 @@ class VisionTransformer(nn.Module):
     def forward(
         self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, keep: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """pixel_values [P, C*t*p*p], grid_thw [N, 3] -> [P_kept, hidden] in merge order.
+        """pixel_values uint8 [P, C*p*p] or float [P, C*t*p*p] (see PatchEmbed), grid_thw [N, 3] -> [P_kept, hidden].
 
         `keep` (bool, one flag per merge window of all images) drops whole merge windows; pixel_values may hold
         every patch (dropped ones are skipped here) or only the kept ones.
         """
-        if pixel_values.shape[-1] != self.cfg.patch_dim:
-            raise ValueError(f"pixel_values rows have {pixel_values.shape[-1]} values, expected C*t*p*p = "
-                             f"{self.cfg.patch_dim} for the vision config")
+        self.patch_embed.check(pixel_values)
         total = int(grid_thw.prod(-1).sum())
         layout = self.layout(grid_thw, keep)
         unit = self.cfg.spatial_merge_size**2

@@ -81,16 +81,20 @@ class VLM(nn.Module):
     def encode_images(
         self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, keep: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Patches [P, C*t*p*p] of N images -> image token embeddings [kept merge windows, llm_hidden].
+        """Patches of N images (uint8 [P, C*p*p] or float [P, C*t*p*p], see PatchEmbed) -> image token embeddings
+        [kept merge windows, llm_hidden].
 
         `keep`: optional bool mask over the merge windows of all images (token dropping, see VisionTransformer).
         """
         return self.projector(self.vision(pixel_values, grid_thw, keep))
 
     def _dummy_image_embeds(self, device: torch.device) -> torch.Tensor:
-        """Run the vision path on one zero image of one merge window, the smallest valid input."""
-        m = self.cfg.vision.spatial_merge_size
-        pixel_values = torch.zeros(m * m, self.cfg.vision.patch_dim, device=device)
+        """Run the vision path on one black image of one merge window, the smallest valid input, laid out as the
+        loader's (uint8, one frame) so it takes the same path through the patch embedding."""
+        vision = self.cfg.vision
+        m = vision.spatial_merge_size
+        one_frame = vision.patch_dim // vision.temporal_patch_size
+        pixel_values = torch.zeros(m * m, one_frame, dtype=torch.uint8, device=device)
         grid_thw = torch.tensor([[1, m, m]], dtype=torch.long, device=device)
         return self.encode_images(pixel_values, grid_thw)
 

@@ -35,6 +35,7 @@ def patch_spec(model: ModelConfig, data: DataConfig) -> PatchSpec:
         merge_size=vision.spatial_merge_size,
         min_pixels=data.image.min_pixels,
         max_pixels=data.image.max_pixels,
+        resize=data.image.resize,
     )
 
 

@@ -76,8 +76,15 @@ def test_deepspeed_zero_0_to_3_on_two_ranks_match_one_rank(reference, tmp_path):
         ds_grads = {k[len("grad/"):]: v for k, v in out.items() if k.startswith("grad/")}
         assert_same(ds_grads, grads, f"ZeRO-{stage} grad")
         ds_weights = {k[len("weight/"):]: v for k, v in out.items() if k.startswith("weight/")}
-        # Adam's first update is lr * g / (|g| + eps): where |g| is near eps, fp32 noise in g shows at 1e-6 of lr 1e-3.
-        assert_same(ds_weights, weights, f"ZeRO-{stage} weight after the step", atol=2e-5, rtol=0)
+        # Adam's first update is lr * g / (|g| + eps): where |g| is within fp32 noise of eps (patch-embedding
+        # columns of near-constant pixels), the summation order (ranks, threads) decides its size. Compare the
+        # well-conditioned entries tightly, and bound the rest by one learning-rate step.
+        assert ds_weights.keys() == weights.keys()
+        for name, weight in ds_weights.items():
+            conditioned = grads[name].abs() > 1e-6
+            torch.testing.assert_close(weight[conditioned], weights[name][conditioned], atol=2e-5, rtol=0,
+                                       msg=f"ZeRO-{stage} weight after the step {name}")
+            assert (weight - weights[name]).abs().max() <= 1e-3 * (1 + 1e-3), f"ZeRO-{stage} {name}"
 
 
 def test_single_engine_refuses_several_ranks_and_unknown_engines_are_named():

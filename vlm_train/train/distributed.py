@@ -83,6 +83,14 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Destroy the process group; after a clean run, only once every rank is here.
+
+    Without the barrier a rank that finishes first tears down its gloo pairs while another still uses them,
+    and that rank can abort at exit ("terminate called without an active exception"). After an error the
+    other ranks may never arrive, so there is no barrier then.
+    """
     if dist.is_initialized():
+        if clean:
+            barrier()
         dist.destroy_process_group()

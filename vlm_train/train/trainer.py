@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,7 @@ def run(cfg: Config) -> dict[str, Any]:
         return summary
     finally:
         trainer.close()
-        D.shutdown()
+        D.shutdown(clean=sys.exc_info()[0] is None)
 
 
 def _summary(trainer: Trainer, train_seconds: float, final: Path) -> dict[str, Any]:

@@ -140,14 +140,6 @@ class DeepSpeedEngine(Engine):
         applied = bool(self.engine.was_step_applied()) and self.optimizer.stepped and not self.optimizer.last_skipped
         return norm, applied
 
-    def param_groups(self) -> list[dict]:
-        assert self.optimizer is not None
-        return self.optimizer.param_groups
-
-    def set_lrs(self, lrs: dict[str, float]) -> None:
-        for group in self.param_groups():
-            group["lr"] = lrs[group["name"]]
-
     def full_grads(self) -> dict[str, torch.Tensor]:
         """Every trainable parameter's reduced gradient (call between the last backward and step)."""
         from deepspeed.utils import safe_get_full_grad

@@ -73,8 +73,6 @@ class Engine:
     def forward_module(self) -> nn.Module: ...
     def backward(self, loss: torch.Tensor) -> None: ...
     def step(self, skip: bool) -> tuple[float, bool]: ...  # (grad norm, whether the update was applied)
-    def set_lrs(self, lrs: dict[str, float]) -> None: ...
-    def param_groups(self) -> list[dict]: ...
     def full_grads(self) -> dict[str, torch.Tensor]: ...
     def export_model(self) -> VLM | None: ...
     def save_optimizer(self, folder: Path) -> None: ...
@@ -83,6 +81,16 @@ class Engine:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # DeepSpeed's bf16 keeps bf16 weights (and fp32 masters) instead
+
+    def param_groups(self) -> list[dict]:
+        """The current stage's optimizer groups (each named after its parameter group)."""
+        optimizer = getattr(self, "optimizer", None)
+        assert optimizer is not None, "start_stage() first"
+        return optimizer.param_groups
+
+    def set_lrs(self, lrs: dict[str, float]) -> None:
+        for group in self.param_groups():
+            group["lr"] = lrs[group["name"]]
 
 
 class SingleEngine(Engine):
@@ -118,14 +126,6 @@ class SingleEngine(Engine):
         self.optimizer.skip_next = False
         self.optimizer.zero_grad(set_to_none=True)
         return self.optimizer.last_norm, not self.optimizer.last_skipped
-
-    def param_groups(self) -> list[dict]:
-        assert self.optimizer is not None
-        return self.optimizer.param_groups
-
-    def set_lrs(self, lrs: dict[str, float]) -> None:
-        for group in self.param_groups():
-            group["lr"] = lrs[group["name"]]
 
     def full_grads(self) -> dict[str, torch.Tensor]:
         return {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}

@@ -111,6 +111,20 @@ def test_all_colours_shapes_and_varied_sizes(shards):
     assert min(aspects) < 0.7 and max(aspects) > 1.4
 
 
+def test_side_step_keeps_sides_on_the_patch_grid_and_varied():
+    """The default run's sides are multiples of 28 (never resized by the loader), still in several sizes and
+    aspect ratios; a step that does not divide the range stops at max_side."""
+    cfg = SyntheticConfig(min_side=56, max_side=112, side_step=28)
+    rng = random.Random(5)
+    sizes = {render_scene(rng, cfg)[0].size for _ in range(300)}
+    assert {w for w, _ in sizes} == {56, 84, 112} and {h for _, h in sizes} == {56, 84, 112}
+    assert len(sizes) == 9
+    odd = SyntheticConfig(min_side=56, max_side=100, side_step=28)
+    assert {render_scene(rng, odd)[0].width for _ in range(100)} == {56, 84}
+    with pytest.raises(ValueError, match="side_step"):
+        ensure_synthetic_shards(dataclasses.replace(cfg, side_step=0))
+
+
 def test_render_scene_objects():
     cfg = SyntheticConfig()
     rng = random.Random(3)

@@ -128,8 +128,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = True  # held-out evaluation at the end of the run
-    num_caption: int = 100  # held-out caption samples scored by exact match
-    num_grounding: int = 100  # held-out grounding samples scored by IoU >= 0.5
+    num_caption: int = 200  # held-out caption samples scored by exact match
+    num_grounding: int = 200  # held-out grounding samples scored by IoU >= 0.5
     max_new_tokens: int = 32
     prompts_per_pack: int = 64
     show_examples: int = 4

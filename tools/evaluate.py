@@ -61,8 +61,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("checkpoint", help="run folder, checkpoints/step_XXXXXXXX folder, or Hugging Face folder")
     parser.add_argument("--heldout", action="append", default=[], help="NAME=URLS held-out shards (repeatable)")
     parser.add_argument("--num-loss", type=int, default=200, help="samples per set for the loss (0: no loss)")
-    parser.add_argument("--num-caption", type=int, default=EvalConfig.num_caption, help="caption samples scored by exact match")
-    parser.add_argument("--num-grounding", type=int, default=EvalConfig.num_grounding, help="grounding samples scored by IoU >= 0.5")
+    parser.add_argument("--num-caption", type=int, default=EvalConfig.num_caption,
+                        help="caption samples scored by exact match")
+    parser.add_argument("--num-grounding", type=int, default=EvalConfig.num_grounding,
+                        help="grounding samples scored by IoU >= 0.5")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--prompts-per-pack", type=int, default=64, help="prompts generated together")
     parser.add_argument("--tokens-per-pack", type=int, default=4096, help="LLM tokens per pack for the loss")

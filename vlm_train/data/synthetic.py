@@ -55,8 +55,8 @@ class SyntheticConfig:
     num_heldout_images: int = 200
     min_side: int = 56
     max_side: int = 168
-    # Image sides are drawn from min_side, min_side + side_step, ... <= max_side. A multiple of the vision tower's
-    # patch_size * merge_size (28 for Qwen2-VL) means the loader never resizes: shapes keep their proportions
+    # Image sides are drawn from min_side, min_side + side_step, ... <= max_side. With both multiples of the vision
+    # tower's patch_size * merge_size (28 for Qwen2-VL) the loader never resizes: shapes keep their proportions
     # (an independent rounding of each side to 28 px squeezed them by up to 25%) and no time goes to resampling.
     side_step: int = 1
     max_objects: int = 2
@@ -123,7 +123,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, side: int
         draw.polygon([(cx, y), (r, b), (x, b)], fill=fill)
     elif shape == "ring":
         # A thin ring (0.12 of the side) and a thick cross (0.4): at 0.22 and 0.3, ring, cross and triangle each
-        # covered about half of their box and the default run read a ring right 29% of the time (now 91-100%).
+        # covered about half of their box and the default run read a ring right 29% of the time (now 97%).
         # The cross stays the hardest shape; a thin one (0.22) is mistaken for the triangle instead of the square.
         draw.ellipse([x, y, r, b], outline=fill, width=max(2, round(side * 0.12)))
     elif shape == "cross":

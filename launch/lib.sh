@@ -19,6 +19,20 @@ die() {
 
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
+# `SCRIPT -h|--help` prints the calling script's header comment (line 2 up to `set -euo`) and exits.
+exit_on_help() {
+    case ${1:-} in
+    -h | --help)
+        sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    esac
+}
+
+check_max_restarts() {
+    is_uint "${MAX_RESTARTS:-0}" || die "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'"
+}
+
 # One worker per visible GPU, or one on a machine without CUDA.
 default_nproc() {
     "$PYTHON" -c 'import torch; print(torch.cuda.device_count() or 1)'

@@ -26,22 +26,12 @@
 # when only one node is signalled. Ctrl-C twice kills them. The exit status is torchrun's.
 set -euo pipefail
 
-usage() {
-    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-}
-
-case ${1:-} in
--h | --help)
-    usage
-    exit 0
-    ;;
-esac
-
 # shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+exit_on_help "$@"
 
 NNODES=${NNODES:-1}
-is_uint "${MAX_RESTARTS:-0}" || die "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'"
+check_max_restarts
 args=()
 
 if [[ -n ${RDZV_ENDPOINT:-} ]]; then

@@ -21,21 +21,11 @@
 # The exit status is torchrun's.
 set -euo pipefail
 
-usage() {
-    sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-}
-
-case ${1:-} in
--h | --help)
-    usage
-    exit 0
-    ;;
-esac
-
 # shellcheck source=launch/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+exit_on_help "$@"
 
-is_uint "${MAX_RESTARTS:-0}" || die "MAX_RESTARTS must be a non-negative integer, got '$MAX_RESTARTS'"
+check_max_restarts
 nproc=$(nproc_per_node)
 # shellcheck disable=SC2206  # TORCHRUN_ARGS is split into flags on purpose
 args=(--standalone --nnodes=1 --nproc-per-node="$nproc" --max-restarts="${MAX_RESTARTS:-0}" ${TORCHRUN_ARGS:-})

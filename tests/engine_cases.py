@@ -1,4 +1,4 @@
-"""The fixed model, samples and loss policy that the engine tests split over ranks and micro-batches."""
+"""The fixed model, samples, loss policy and one-step stage that the engine tests split over ranks and micro-batches."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +9,8 @@ from helpers import encoder, sample, tiny_tokenizer
 from vlm_train.data.encode import EncodedSample
 from vlm_train.data.packer import collate
 from vlm_train.model import VLM, ModelConfig
-from vlm_train.train.config import LossConfig
+from vlm_train.train.config import LossConfig, StageConfig, TrainConfig
+from vlm_train.train.curriculum import param_groups, set_trainable
 
 # Every weighting at once: a mix of per-sample and per-token, position decay, importance by source.
 LOSS = LossConfig(averaging="mix", per_sample_weight=0.3, position_power=0.5, source_weights={"b": 2.0})
@@ -50,3 +51,14 @@ def rank_packs(rank: int, world_size: int) -> list:
 def one_pack() -> list:
     """All eight samples in one micro-batch."""
     return [collate(list(samples()))]
+
+
+def start_full_stage(engine, train: TrainConfig, lr: float = 1e-3) -> None:
+    """Start a one-step stage that trains everything at `lr`, as both engines' tests do."""
+
+    def groups(module):
+        set_trainable(module, ["*"])
+        return param_groups(module, StageConfig(name="all", steps=1), {}, train)
+
+    engine.start_stage(groups)
+    engine.set_lrs({g["name"]: lr for g in engine.param_groups()})

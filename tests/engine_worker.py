@@ -13,11 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from engine_cases import LOSS, make_model, rank_packs
+from engine_cases import LOSS, make_model, rank_packs, start_full_stage
 
 from vlm_train.train import distributed as D
-from vlm_train.train.config import EngineConfig, GuardConfig, StageConfig, TrainConfig
-from vlm_train.train.curriculum import param_groups, set_trainable
+from vlm_train.train.config import EngineConfig, GuardConfig, TrainConfig
 from vlm_train.train.deepspeed_engine import DeepSpeedEngine
 from vlm_train.train.guards import Guard
 from vlm_train.train.step import finish_step, forward_backward
@@ -31,13 +30,7 @@ def main(out: Path, stages: list[int]) -> None:
     for zero_stage in stages:
         engine = DeepSpeedEngine(EngineConfig(name="deepspeed", zero_stage=zero_stage), train, make_model(),
                                  make_model, torch.device("cpu"), dist, bf16=False)  # fmt: skip
-
-        def groups(module):
-            set_trainable(module, ["*"])
-            return param_groups(module, StageConfig(name="all", steps=1), {}, train)
-
-        engine.start_stage(groups)
-        engine.set_lrs({g["name"]: 1e-3 for g in engine.param_groups()})
+        start_full_stage(engine, train)
         result = forward_backward(engine, packs, LOSS)
         loss = float(D.all_reduce(torch.tensor(result.loss, dtype=torch.float64)))
         grads = engine.full_grads()  # the reduced gradients, before the update

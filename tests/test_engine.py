@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engine_cases import LOSS, all_packs, make_model, one_pack
-from vlm_train.train.config import EngineConfig, GuardConfig, StageConfig, TrainConfig
-from vlm_train.train.curriculum import param_groups, set_trainable
+from engine_cases import LOSS, all_packs, make_model, one_pack, start_full_stage
+from vlm_train.train.config import EngineConfig, GuardConfig, TrainConfig
 from vlm_train.train.distributed import DistInfo
 from vlm_train.train.engine import SingleEngine, build_engine
 from vlm_train.train.guards import Guard
@@ -25,13 +24,7 @@ def single_step(packs):
     """(loss, reduced grads, grad norm, weights after the update) of one single-engine step over `packs`."""
     train = TrainConfig(micro_batches=len(packs), grad_clip=1.0)
     engine = SingleEngine(make_model(), train, torch.device("cpu"), bf16=False)
-
-    def groups(module):
-        set_trainable(module, ["*"])
-        return param_groups(module, StageConfig(name="all", steps=1), {}, train)
-
-    engine.start_stage(groups)
-    engine.set_lrs({g["name"]: 1e-3 for g in engine.param_groups()})
+    start_full_stage(engine, train)
     result = forward_backward(engine, packs, LOSS)
     loss, grads = result.loss, engine.full_grads()
     result = finish_step(engine, result, Guard(GuardConfig()), stop=False)

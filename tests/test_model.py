@@ -90,6 +90,8 @@ OTHER = [("text", 4), ("image", 2, 4), ("text", 6)]
     (dict(llm=LLMConfig(mrope_section=[4, 4, 4])), "mrope_section"),
     (dict(vision=VisionConfig(num_heads=3)), "vision"),
     (dict(attn_backend="xformers"), "attn_backend"),
+    (dict(vision=VisionConfig(initializer_range=0.0)), "vision.initializer_range"),
+    (dict(llm=LLMConfig(initializer_range=-0.1)), "llm.initializer_range"),
 ])
 def test_config_validation_names_the_problem(change, message):
     with pytest.raises(ValueError, match=message):
@@ -110,6 +112,20 @@ def test_vocab_size_comes_from_tokenizer_and_tied_params_count_once():
     assert model.num_parameters() == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     with pytest.raises(ValueError, match="smaller"):
         VLM(tiny_config(vocab_size=VOCAB - 1), vocab_size=VOCAB, image_token_id=IMAGE_ID)
+
+
+def test_each_tower_is_initialised_at_its_own_std():
+    cfg = dataclasses.replace(tiny_config(initializer_range=0.02), vision=VisionConfig(initializer_range=0.1))
+    model = make_model(cfg)
+
+    def std_of(*modules):
+        return torch.cat([m.weight.detach().flatten() for m in modules]).std().item()
+
+    vision_linears = [m for m in [*model.vision.modules(), *model.projector.modules()] if isinstance(m, torch.nn.Linear)]
+    llm_linears = [m for m in model.llm.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    assert std_of(*vision_linears) == pytest.approx(0.1, rel=0.05)
+    assert std_of(*llm_linears) == pytest.approx(0.02, rel=0.05)
+    assert all(float(m.bias.abs().max()) == 0 for m in vision_linears if m.bias is not None)
 
 
 # ---------------------------------------------------------------- forward

@@ -22,6 +22,7 @@ class VisionConfig:
     spatial_merge_size: int = 2
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
+    initializer_range: float = 0.02  # std of the normal init of the tower's and the projector's weights
     # Qwen2.5-VL window attention: blocks not listed in fullatt_block_indexes attend within windows of
     # window_size x window_size pixels (112 in Qwen2.5-VL); 0 turns windows off, every block attends per image.
     window_size: int = 0
@@ -63,6 +64,8 @@ class VisionConfig:
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"vision.fullatt_block_indexes {bad} are not blocks of a depth-{self.depth} tower")
+        if not self.initializer_range > 0:
+            raise ValueError(f"vision.initializer_range must be > 0, got {self.initializer_range}")
 
 
 # Rotary variants and the rope_scaling keys each needs (the names transformers uses).
@@ -91,7 +94,7 @@ class LLMConfig:
     qk_norm: bool = False
     tie_word_embeddings: bool = True
     rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.02
+    initializer_range: float = 0.02  # std of the normal init of the LLM's weights
 
     @property
     def resolved_head_dim(self) -> int:
@@ -121,6 +124,8 @@ class LLMConfig:
         if len(self.mrope_section) != 3 or sum(self.mrope_section) != head_dim // 2:
             raise ValueError(f"llm.mrope_section ({list(self.mrope_section)}) must be 3 numbers (t, h, w) summing to "
                              f"head_dim/2 = {head_dim // 2}")
+        if not self.initializer_range > 0:
+            raise ValueError(f"llm.initializer_range must be > 0, got {self.initializer_range}")
 
 
 @dataclass

@@ -116,6 +116,7 @@ def vision_config_from_hf(cfg: Any) -> VisionConfig:
         spatial_merge_size=cfg.spatial_merge_size,
         rms_norm_eps=HF_VISION_EPS,
         rope_theta=float(params.get("rope_theta", HF_VISION_THETA)),
+        initializer_range=float(getattr(cfg, "initializer_range", 0.02)),
         window_size=0 if every_block_full else int(cfg.window_size),
         fullatt_block_indexes=[] if every_block_full else full,
     )
@@ -201,6 +202,7 @@ def hf_config_dict(cfg: ModelConfig, image_token_id: int, tokens: dict[str, int 
             "fullatt_block_indexes": list(vision.fullatt_block_indexes) if windowed else list(range(vision.depth)),
             "tokens_per_second": 2,
             "rope_parameters": {"rope_type": "axial", "rope_theta": vision.rope_theta},
+            "initializer_range": vision.initializer_range,
         },
     }
     config.update({name: value for name, value in tokens.items() if value is not None})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,6 +28,16 @@ class VLMOutput:
 
 
 
+def init_weights(module: nn.Module, std: float) -> None:
+    """Normal(0, std) linear and embedding weights, zero biases, unit norms."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, RMSNorm):
+        nn.init.ones_(module.weight)
+
+
 class VLM(nn.Module):
     """ViT + merger + decoder LM. Top-level names `vision`, `projector`, `llm` are what training stages freeze by."""
 
@@ -50,21 +61,15 @@ class VLM(nn.Module):
             cfg.vision.hidden_size, llm_cfg.hidden_size, cfg.vision.spatial_merge_size, cfg.vision.rms_norm_eps
         )
         self.llm = DecoderLM(llm_cfg, cfg.attn_backend, cfg.activation_checkpointing)
-        self.apply(self._init_weights)
+        # Each tower at its own std (the merger belongs to the vision tower, as in Qwen2.5-VL).
+        for module, std in ((self.vision, cfg.vision.initializer_range), (self.projector, cfg.vision.initializer_range),
+                            (self.llm, llm_cfg.initializer_range)):
+            module.apply(functools.partial(init_weights, std=std))
         if cfg.compile:
             # Per block, not the whole model: the varlen bookkeeping between blocks stays eager, and every block
             # of a tower shares one compiled graph (dynamic shapes, since pack lengths vary).
             for block in [*self.vision.blocks, *self.llm.layers]:
                 block.compile(dynamic=True)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.cfg.llm.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, RMSNorm):
-            nn.init.ones_(module.weight)
 
     def set_attn_backend(self, name: str) -> None:
         """Switch every attention layer to backend `name` (one of ATTENTION_BACKENDS)."""

@@ -95,6 +95,6 @@ def test_the_default_run_completes_and_learns(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert summary["steps"] == len(losses) == 1440
+    assert summary["steps"] == len(losses) == 1640
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
     assert summary["heldout_exact_match_n"] == 200 and summary["heldout_grounding_acc_n"] == 200

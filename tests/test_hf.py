@@ -126,7 +126,7 @@ def test_export_reloads_in_transformers_with_the_same_logits(tmp_path):
     # Our own random model: tied embeddings, no q/k/v bias (exported as exact zeros), window attention.
     cfg = ModelConfig(
         vision=VisionConfig(hidden_size=32, depth=3, num_heads=2, intermediate_size=48, window_size=56,
-                            fullatt_block_indexes=[2]),
+                            fullatt_block_indexes=[2], initializer_range=0.07),
         llm=LLMConfig(mrope_section=[2, 3, 3], qkv_bias=False, **{k: v for k, v in dict(
             hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2).items()}),
         attn_backend="sdpa",
@@ -140,6 +140,7 @@ def test_export_reloads_in_transformers_with_the_same_logits(tmp_path):
     assert (out / "tokenizer.json").is_file()
     reloaded = _load_hf_vl(out)
     assert reloaded.config.text_config.rope_parameters["mrope_section"] == [2, 3, 3]
+    assert reloaded.config.vision_config.initializer_range == 0.07 == from_hf(out).cfg.vision.initializer_range
     _assert_pack_matches_hf(ours, reloaded)
     assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|image_pad|>") == ours.image_token_id
     processor = transformers.AutoImageProcessor.from_pretrained(out)

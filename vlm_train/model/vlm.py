@@ -26,8 +26,6 @@ class VLMOutput:
     logits: torch.Tensor | None = None
 
 
-
-
 def init_weights(module: nn.Module, std: float) -> None:
     """Normal(0, std) linear and embedding weights, zero biases, unit norms."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -62,8 +60,8 @@ class VLM(nn.Module):
         )
         self.llm = DecoderLM(llm_cfg, cfg.attn_backend, cfg.activation_checkpointing)
         # Each tower at its own std (the merger belongs to the vision tower, as in Qwen2.5-VL).
-        for module, std in ((self.vision, cfg.vision.initializer_range), (self.projector, cfg.vision.initializer_range),
-                            (self.llm, llm_cfg.initializer_range)):
+        vision_std, llm_std = cfg.vision.initializer_range, llm_cfg.initializer_range
+        for module, std in ((self.vision, vision_std), (self.projector, vision_std), (self.llm, llm_std)):
             module.apply(functools.partial(init_weights, std=std))
         if cfg.compile:
             # Per block, not the whole model: the varlen bookkeeping between blocks stays eager, and every block

@@ -1,4 +1,5 @@
 """Install vlm_train. The Hydra configs in conf/ ship inside the package as vlm_train.conf."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -23,7 +24,7 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "dev": ["pytest>=7", "matplotlib>=3.7"],
+        "dev": ["pytest>=7", "matplotlib>=3.7", "ruff==0.17.6"],
         "gpu": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["vlm-train=vlm_train.train.main:main"]},

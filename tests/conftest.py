@@ -1,4 +1,5 @@
 """Shared fixtures: a small synthetic dataset in a per-session cache, and composed test configs."""
+
 from __future__ import annotations
 
 import os

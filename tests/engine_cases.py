@@ -1,16 +1,18 @@
 """The fixed model, samples, loss policy and one-step stage that the engine tests split over ranks and micro-batches."""
+
 from __future__ import annotations
 
 import functools
 
 import torch
 
-from helpers import encoder, sample, tiny_tokenizer
 from vlm_train.data.encode import EncodedSample
 from vlm_train.data.packer import collate
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.train.config import LossConfig, StageConfig, TrainConfig
 from vlm_train.train.curriculum import param_groups, set_trainable
+
+from helpers import encoder, sample, tiny_tokenizer
 
 # Every weighting at once: a mix of per-sample and per-token, position decay, importance by source.
 LOSS = LossConfig(averaging="mix", per_sample_weight=0.3, position_power=0.5, source_weights={"b": 2.0})
@@ -38,14 +40,14 @@ def samples() -> tuple[EncodedSample, ...]:
 def all_packs() -> list:
     """The four micro-batches of the step: two with images, two text-only."""
     s = samples()
-    return [collate(list(s[i:i + 2])) for i in range(0, 8, 2)]
+    return [collate(list(s[i : i + 2])) for i in range(0, 8, 2)]
 
 
 def rank_packs(rank: int, world_size: int) -> list:
     """Rank 0 of 2 gets the packs with images, rank 1 only text-only packs (modality skew)."""
     packs = all_packs()
     per_rank = len(packs) // world_size
-    return packs[rank * per_rank:(rank + 1) * per_rank]
+    return packs[rank * per_rank : (rank + 1) * per_rank]
 
 
 def one_pack() -> list:

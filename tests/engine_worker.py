@@ -3,6 +3,7 @@ per rank, and write the global loss, the reduced gradients, the grad norm and th
 
 Usage: python -m torch.distributed.run --nproc_per_node=2 tests/engine_worker.py OUT_DIR STAGE [STAGE ...]
 """
+
 from __future__ import annotations
 
 import os
@@ -13,13 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from engine_cases import LOSS, make_model, rank_packs, start_full_stage
-
 from vlm_train.train import distributed as D
 from vlm_train.train.config import EngineConfig, GuardConfig, TrainConfig
 from vlm_train.train.deepspeed_engine import DeepSpeedEngine
 from vlm_train.train.guards import Guard
 from vlm_train.train.step import finish_step, forward_backward
+
+from engine_cases import LOSS, make_model, rank_packs, start_full_stage
 
 
 def main(out: Path, stages: list[int]) -> None:
@@ -28,8 +29,15 @@ def main(out: Path, stages: list[int]) -> None:
     packs = rank_packs(dist.rank, dist.world_size)
     train = TrainConfig(micro_batches=len(packs), grad_clip=1.0)
     for zero_stage in stages:
-        engine = DeepSpeedEngine(EngineConfig(name="deepspeed", zero_stage=zero_stage), train, make_model(),
-                                 make_model, torch.device("cpu"), dist, bf16=False)  # fmt: skip
+        engine = DeepSpeedEngine(
+            EngineConfig(name="deepspeed", zero_stage=zero_stage),
+            train,
+            make_model(),
+            make_model,
+            torch.device("cpu"),
+            dist,
+            bf16=False,
+        )
         start_full_stage(engine, train)
         result = forward_backward(engine, packs, LOSS)
         loss = float(D.all_reduce(torch.tensor(result.loss, dtype=torch.float64)))

@@ -1,4 +1,5 @@
 """Small builders shared by tests: samples with images, and the tiny tokenizer/encoder."""
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """Processes for tests/test_launch.py: the launchers' environment, process trees, waiting, and the run folder."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,16 @@ TIMEOUT = 600
 
 def env(**extra: object) -> dict[str, str]:
     """The test's environment for a launcher: one thread per process, this Python, no SLURM / torchrun leftovers."""
-    launch_vars = ("SLURM_", "RDZV_", "MASTER_", "NNODES", "NODE_RANK", "NPROC_PER_NODE", "MAX_RESTARTS",
-                   "TORCHRUN_ARGS")  # fmt: skip
+    launch_vars = (
+        "SLURM_",
+        "RDZV_",
+        "MASTER_",
+        "NNODES",
+        "NODE_RANK",
+        "NPROC_PER_NODE",
+        "MAX_RESTARTS",
+        "TORCHRUN_ARGS",
+    )
     base = {k: v for k, v in os.environ.items() if not k.startswith(launch_vars)}
     base.update(OMP_NUM_THREADS="1", PYTHON=sys.executable, WANDB_MODE="offline")
     base.update({k: str(v) for k, v in extra.items()})
@@ -37,15 +46,26 @@ def free_port() -> int:
 
 def overrides(run_dir: Path, steps: int, *more: str) -> list[str]:
     """A tiny model on a few synthetic images, small packs, 1 + `steps` optimizer steps."""
-    return [*SMALL_DATA, "model.llm.num_layers=1", "model.vision.depth=1", "data.pack.llm_budget=256",
-            "data.pack.vit_budget=1024", "curriculum.stages.0.steps=1", f"curriculum.stages.1.steps={steps}",
-            "eval.enabled=false", "logger.console_interval=1", f"run.dir={run_dir}", *more]  # fmt: skip
+    return [
+        *SMALL_DATA,
+        "model.llm.num_layers=1",
+        "model.vision.depth=1",
+        "data.pack.llm_budget=256",
+        "data.pack.vit_budget=1024",
+        "curriculum.stages.0.steps=1",
+        f"curriculum.stages.1.steps={steps}",
+        "eval.enabled=false",
+        "logger.console_interval=1",
+        f"run.dir={run_dir}",
+        *more,
+    ]
 
 
 def start(command: list[str], log: Path, **variables: object) -> subprocess.Popen:
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env(**variables),
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env(**variables), start_new_session=True
+        )
 
 
 def descendants(pid: int) -> list[int]:
@@ -106,7 +126,7 @@ def checkpoints(run_dir: Path) -> dict[int, dict]:
     found = {}
     for folder in sorted((run_dir / "checkpoints").glob("step_*")):
         if (folder / "trainer_state.json").is_file():
-            found[int(folder.name[len("step_"):])] = json.loads((folder / "trainer_state.json").read_text())
+            found[int(folder.name[len("step_") :])] = json.loads((folder / "trainer_state.json").read_text())
     return found
 
 

@@ -1,4 +1,5 @@
 """varlen_attention: every backend equals a dense block-diagonal reference."""
+
 import math
 
 import pytest
@@ -117,9 +118,10 @@ def test_cuda_backend_gradients_agree_with_sdpa_in_bf16(backend):
 @pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
 def test_whole_vlm_agrees_across_backends_on_gpu(backend):
     """Windowed ViT + GQA decoder on a real pack: logits under each CUDA backend match sdpa within bf16 tolerance."""
-    from helpers import encoder, sample, tiny_tokenizer
     from vlm_train.data.packer import collate
     from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
+
+    from helpers import encoder, sample, tiny_tokenizer
 
     device = torch.device("cuda")
     problem = backend_problem(backend, device, torch.bfloat16)
@@ -127,8 +129,11 @@ def test_whole_vlm_agrees_across_backends_on_gpu(backend):
         pytest.skip(f"{backend}: {problem}")
     torch.manual_seed(0)
     vision = VisionConfig(hidden_size=128, num_heads=2, window_size=56, fullatt_block_indexes=[1])
-    cfg = ModelConfig(vision=vision, llm=LLMConfig(hidden_size=256, num_heads=4, num_kv_heads=2,
-                                                   mrope_section=[8, 12, 12]), attn_backend="sdpa")
+    cfg = ModelConfig(
+        vision=vision,
+        llm=LLMConfig(hidden_size=256, num_heads=4, num_kv_heads=2, mrope_section=[8, 12, 12]),
+        attn_backend="sdpa",
+    )
     enc = encoder()
     model = VLM(cfg, vocab_size=len(tiny_tokenizer()), image_token_id=enc.special.image_pad).to(device)
     batch = collate([enc.encode(sample(f"s{i}", "a red circle", images=i % 3, seed=i)) for i in range(4)]).to(device)

@@ -1,4 +1,5 @@
 """tools/bench_packing.py: one JSON object with a packing summary per buffer, from the seeded realistic mix."""
+
 from __future__ import annotations
 
 import json

@@ -5,12 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import encoder, sample, tiny_tokenizer
 from vlm_train.data.packer import collate
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.train.checkpoint import TRAINER_STATE, complete_checkpoints, load_model_weights, save_checkpoint
 from vlm_train.train.engine import overlay, plain_state
 from vlm_train.train.resume import find_checkpoint, open_resume
+
+from helpers import encoder, sample, tiny_tokenizer
 
 
 def _model(seed=0):
@@ -75,8 +76,13 @@ class _Stage(enum.IntEnum):
 
 
 def test_optimizer_state_keeps_tensors_and_numbers_only(tmp_path):
-    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}}, "zero_stage": _Stage.two,
-             "loss_scaler": object(), "groups": [{"lr": 0.1, "name": "llm", "params": [0]}], "pair": (1, object())}  # fmt: skip
+    state = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+        "zero_stage": _Stage.two,
+        "loss_scaler": object(),
+        "groups": [{"lr": 0.1, "name": "llm", "params": [0]}],
+        "pair": (1, object()),
+    }
     plain = plain_state(state)
     assert set(plain) == {"state", "groups"} and plain["groups"][0]["name"] == "llm"
     live = {"zero_stage": _Stage.two, "state": {0: {"step": torch.tensor(0.0)}}, "groups": []}
@@ -84,6 +90,6 @@ def test_optimizer_state_keeps_tensors_and_numbers_only(tmp_path):
     assert merged["zero_stage"] is _Stage.two and float(merged["state"][0]["step"]) == 3.0
     torch.save(plain, tmp_path / "o.pt")
     assert torch.load(tmp_path / "o.pt", weights_only=True)["groups"][0]["lr"] == 0.1
-    with pytest.raises(Exception):  # the raw state would need unpickling
+    with pytest.raises(Exception):  # noqa: B017 - the raw state would need unpickling; torch raises several types
         torch.save({"zero_stage": _Stage.two}, tmp_path / "raw.pt")
         torch.load(tmp_path / "raw.pt", weights_only=True)

@@ -1,16 +1,18 @@
 """The chunked cross-entropy equals the full-logits one in loss and gradients, without holding [T, vocab] logits."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from helpers import encoder, sample, tiny_tokenizer
 from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.packer import collate
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.model.chunked_loss import chunked_cross_entropy
 from vlm_train.train import loss as L
+
+from helpers import encoder, sample, tiny_tokenizer
 
 T, D, V = 37, 16, 50
 
@@ -83,15 +85,17 @@ def test_vlm_hidden_states_with_the_chunked_loss_match_the_logits_path():
     enc = encoder()
     batch = collate([enc.encode(sample(f"s{i}", "a blue square", images=i % 2, seed=i)) for i in range(3)])
     torch.manual_seed(0)
-    model = VLM(ModelConfig(attn_backend="sdpa"), vocab_size=len(tiny_tokenizer()),
-                image_token_id=enc.special.image_pad)
+    model = VLM(
+        ModelConfig(attn_backend="sdpa"), vocab_size=len(tiny_tokenizer()), image_token_id=enc.special.image_pad
+    )
     coefficients = L.token_coefficients(batch, L.pack_totals(batch), 0.5)
     results = []
     for chunked in (False, True):
         model.zero_grad()
         if chunked:
-            losses = L.token_cross_entropy(model(batch, return_logits=False).hidden, batch.labels,
-                                           head=model.llm.lm_head, chunk_size=5)
+            losses = L.token_cross_entropy(
+                model(batch, return_logits=False).hidden, batch.labels, head=model.llm.lm_head, chunk_size=5
+            )
         else:
             losses = L.token_cross_entropy(model(batch).logits, batch.labels)
         L.weighted_loss(losses, coefficients).backward()
@@ -99,4 +103,3 @@ def test_vlm_hidden_states_with_the_chunked_loss_match_the_logits_path():
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-5)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-7, rtol=1e-4, msg=name)
-

@@ -1,4 +1,5 @@
 """The command line as a user runs it: `vlm-train` with Hydra overrides, in a fresh process."""
+
 import json
 import os
 import subprocess
@@ -53,10 +54,19 @@ def test_module_entry_point_composes_the_same_config():
 
 
 def test_presets_and_engine_options_from_the_command_line():
-    result = vlm_train("--cfg", "job", "curriculum=internvl2_5", "curriculum.stages.2.lr_scale.vision=0.2",
-                       "curriculum.stages.0.loss.averaging=sample", "engine=deepspeed", "engine.zero_stage=3",
-                       "checkpoint.interval=100", "train.exit_at_step=50", "train.resume=never",
-                       "+curriculum.stages.1.data.mixture={shapes_caption: 0.7}")  # fmt: skip
+    result = vlm_train(
+        "--cfg",
+        "job",
+        "curriculum=internvl2_5",
+        "curriculum.stages.2.lr_scale.vision=0.2",
+        "curriculum.stages.0.loss.averaging=sample",
+        "engine=deepspeed",
+        "engine.zero_stage=3",
+        "checkpoint.interval=100",
+        "train.exit_at_step=50",
+        "train.resume=never",
+        "+curriculum.stages.1.data.mixture={shapes_caption: 0.7}",
+    )
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     stages = config["curriculum"]["stages"]
@@ -86,8 +96,14 @@ def test_bad_override_is_a_clear_error_naming_the_key(override, expected):
 def test_wandb_logger_writes_an_offline_run_and_never_the_api_key(tmp_path):
     run_dir = tmp_path / "run"
     secret = "0123456789abcdef0123456789abcdef01234567"  # a 40-character key, as W&B's are
-    result = vlm_train(*SMALL_DATA, *SHORT_RUN, f"run.dir={run_dir}", "logger=wandb", "eval.enabled=false",
-                       env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": secret})  # fmt: skip
+    result = vlm_train(
+        *SMALL_DATA,
+        *SHORT_RUN,
+        f"run.dir={run_dir}",
+        "logger=wandb",
+        "eval.enabled=false",
+        env={"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": secret},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -95,8 +111,17 @@ def test_wandb_logger_writes_an_offline_run_and_never_the_api_key(tmp_path):
     assert events, "no W&B event file"
     # Offline runs keep history and summary as protobuf records; their keys appear verbatim in the file.
     data = events[0].read_bytes()
-    for key in (b"tokens_per_s", b"grad_norm", b"loss/task/caption", b"final_loss", b"vlm_train", b"lr/llm",
-                b"packing/llm_fill", b"tflops_per_s", b"skipped_steps"):
+    for key in (
+        b"tokens_per_s",
+        b"grad_norm",
+        b"loss/task/caption",
+        b"final_loss",
+        b"vlm_train",
+        b"lr/llm",
+        b"packing/llm_fill",
+        b"tflops_per_s",
+        b"skipped_steps",
+    ):
         assert key in data, key
     # The key comes from the environment only: no config, log, metric, checkpoint or W&B file holds it.
     leaked = [p for p in run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]

@@ -1,4 +1,5 @@
 """tools/convert_hf.py: our training checkpoint -> Hugging Face folder -> our checkpoint, logits equal throughout."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import encoder, sample, tiny_tokenizer
 from vlm_train.data.packer import collate
 from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
 from vlm_train.model.vit import float_pixel_values
 from vlm_train.train.checkpoint import load_model_weights, save_checkpoint
 from vlm_train.train.config import Config
+
+from helpers import encoder, sample, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -26,11 +28,21 @@ transformers = pytest.importorskip("transformers")
 
 def _trained_run(tmp_path) -> tuple[Path, VLM]:
     """A run folder with one checkpoint of a small random model, as the trainer writes it."""
-    cfg = ModelConfig(vision=VisionConfig(hidden_size=32, num_heads=2, intermediate_size=48, window_size=56,
-                                          fullatt_block_indexes=[0]),
-                      llm=LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
-                                    mrope_section=[2, 3, 3], tie_word_embeddings=False),
-                      attn_backend="sdpa")
+    cfg = ModelConfig(
+        vision=VisionConfig(
+            hidden_size=32, num_heads=2, intermediate_size=48, window_size=56, fullatt_block_indexes=[0]
+        ),
+        llm=LLMConfig(
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=96,
+            mrope_section=[2, 3, 3],
+            tie_word_embeddings=False,
+        ),
+        attn_backend="sdpa",
+    )
     torch.manual_seed(0)
     model = VLM(cfg, vocab_size=len(tiny_tokenizer()), image_token_id=encoder().special.image_pad).eval()
     with torch.no_grad():
@@ -64,8 +76,9 @@ def test_checkpoint_to_hf_and_back(tmp_path, capsys):
             if grid.shape[0]:
                 patches = slice(*_patch_range(batch, i))
                 hf_pixels = float_pixel_values(batch.pixel_values[patches], model.cfg.vision.patch_dim)
-                kwargs = dict(pixel_values=hf_pixels, image_grid_thw=grid,
-                              mm_token_type_ids=(ids == model.image_token_id).int())
+                kwargs = dict(
+                    pixel_values=hf_pixels, image_grid_thw=grid, mm_token_type_ids=(ids == model.image_token_id).int()
+                )
             expected = hf_model(input_ids=ids, **kwargs).logits[0]
             torch.testing.assert_close(ours[start:end], expected, atol=1e-4, rtol=1e-4)
 
@@ -73,8 +86,11 @@ def test_checkpoint_to_hf_and_back(tmp_path, capsys):
     checkpoint = Path(back["checkpoint"])
     assert checkpoint.name == "step_00000003" and (checkpoint / "tokenizer").is_dir()
     config = OmegaConf.load(checkpoint / "config.yaml")
-    rebuilt = VLM(ModelConfig.from_dict(OmegaConf.to_container(config.model)), vocab_size=len(tiny_tokenizer()),
-                  image_token_id=model.image_token_id)
+    rebuilt = VLM(
+        ModelConfig.from_dict(OmegaConf.to_container(config.model)),
+        vocab_size=len(tiny_tokenizer()),
+        image_token_id=model.image_token_id,
+    )
     load_model_weights(rebuilt, checkpoint)
     for (name, a), (_, b) in zip(model.state_dict().items(), rebuilt.state_dict().items()):
         assert torch.equal(a, b), name
@@ -104,6 +120,7 @@ def test_bf16_export_and_missing_checkpoint_errors(tmp_path):
 
 
 def test_help_runs_as_a_script():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_hf.py"), "--help"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert_hf.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "to-hf" in result.stdout and "from-hf" in result.stdout

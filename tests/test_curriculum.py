@@ -1,11 +1,11 @@
 import pytest
 
-from conftest import make_config
-from helpers import encoder, tiny_tokenizer
 from vlm_train.data.config import DataConfig
 from vlm_train.model import VLM, ModelConfig
+from vlm_train.train.builders import build_data
 from vlm_train.train.config import (
     CurriculumConfig,
+    FaultConfig,
     LossConfig,
     StageConfig,
     StageDataConfig,
@@ -18,13 +18,14 @@ from vlm_train.train.curriculum import (
     set_trainable,
     stage_data,
     stage_loss,
-    validate_curriculum,  # fmt: skip
+    validate_curriculum,
 )
-from vlm_train.train.builders import build_data
-from vlm_train.train.config import FaultConfig
 from vlm_train.train.guards import FaultInjector
 from vlm_train.train.schedule import Position, estimate_total_steps, lr_factor
 from vlm_train.train.stage_data import RankData
+
+from conftest import make_config
+from helpers import encoder, tiny_tokenizer
 
 GROUPS = CurriculumConfig().groups
 
@@ -81,8 +82,9 @@ def test_warmup_then_cosine_to_the_floor():
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "sqrt"])
 def test_warmup_stable_decay(shape):
-    stage = StageConfig(name="s", steps=100, warmup_steps=10, schedule="wsd", decay_fraction=0.2,
-                        decay_shape=shape, min_lr_ratio=0.0)  # fmt: skip
+    stage = StageConfig(
+        name="s", steps=100, warmup_steps=10, schedule="wsd", decay_fraction=0.2, decay_shape=shape, min_lr_ratio=0.0
+    )
     factors = [lr_factor(stage, i) for i in range(100)]
     assert factors[4] == pytest.approx(0.5)
     assert all(f == 1.0 for f in factors[10:80])  # stable
@@ -118,13 +120,20 @@ def test_parameter_groups_carry_their_lr_scale_and_weight_decay():
 
 
 def test_stage_overrides_of_loss_and_data():
-    stage = StageConfig(name="s", steps=1, loss=StageLossConfig(averaging="square"),
-                        data=StageDataConfig(llm_budget=512, max_pixels=6272))  # fmt: skip
+    stage = StageConfig(
+        name="s",
+        steps=1,
+        loss=StageLossConfig(averaging="square"),
+        data=StageDataConfig(llm_budget=512, max_pixels=6272),
+    )
     loss = stage_loss(LossConfig(averaging="mix", position_power=0.5), stage)
     assert loss.averaging == "square" and loss.position_power == 0.5
     data = stage_data(DataConfig(), stage)
     assert data.pack.llm_budget == 512 and data.image.max_pixels == 6272
-    assert data.pack.vit_budget == DataConfig().pack.vit_budget and stage_data(DataConfig(), StageConfig(name="x")) == DataConfig()
+    assert (
+        data.pack.vit_budget == DataConfig().pack.vit_budget
+        and stage_data(DataConfig(), StageConfig(name="x")) == DataConfig()
+    )
 
 
 def test_stage_data_overrides_reach_the_packs():

@@ -1,9 +1,10 @@
 """A user's own data config: only `sources`, picked with data=NAME from a --config-dir, everything else defaulted."""
+
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-
 from test_loader import write_shards
+
 from vlm_train.data.loader import build_loader
 from vlm_train.train.builders import build_data, build_stream
 
@@ -31,7 +32,9 @@ def test_a_user_data_config_with_only_sources_trains_from_its_shards(tmp_path):
 
 def test_shell_command_urls_need_the_config_to_allow_them(tmp_path):
     (tmp_path / "conf" / "data").mkdir(parents=True)
-    (tmp_path / "conf" / "data" / "piped.yaml").write_text("sources:\n  - name: web\n    urls: 'pipe:cat /x/{0..1}.tar'\n")
+    (tmp_path / "conf" / "data" / "piped.yaml").write_text(
+        "sources:\n  - name: web\n    urls: 'pipe:cat /x/{0..1}.tar'\n"
+    )
     cfg = _config(tmp_path / "conf", "data=piped")
     with pytest.raises(ValueError, match="allow_pipe"):
         build_data(cfg.data, cfg.model)
@@ -41,9 +44,9 @@ def test_shell_command_urls_need_the_config_to_allow_them(tmp_path):
 
 
 def test_resize_method_is_chosen_from_the_data_config():
-    from vlm_train.train.builders import patch_spec
-    from vlm_train.model.config import ModelConfig
     from vlm_train.data.config import DataConfig
+    from vlm_train.model.config import ModelConfig
+    from vlm_train.train.builders import patch_spec
 
     data = DataConfig()
     data.image.resize = "torch"

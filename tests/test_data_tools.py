@@ -1,13 +1,15 @@
 """tools/make_shards.py, tools/inspect_shards.py and tools/bench_loader.py on small data the tests write."""
+
 import json
 
 import pytest
-
-from helpers import encoder, noise_image
 from test_loader import _config
+
 from tools import bench_loader, inspect_shards, make_shards
 from vlm_train.data.loader import PackedStream, Source, build_loader
 from vlm_train.data.sources import expand_urls
+
+from helpers import encoder, noise_image
 
 
 def _images(folder, names):
@@ -27,8 +29,19 @@ def test_llava_json_and_image_folder_become_shards_training_reads(tmp_path, caps
         {"id": "bad", "image": "coco/a.jpg", "conversations": turn("<image><image> two?")},
     ]
     (tmp_path / "llava.json").write_text(json.dumps(records))
-    out = make_shards.main(["llava", "--json", str(tmp_path / "llava.json"), "--images", str(tmp_path / "img"),
-                            "--out", str(tmp_path / "shards" / "llava"), "--samples-per-shard", "2"])  # fmt: skip
+    out = make_shards.main(
+        [
+            "llava",
+            "--json",
+            str(tmp_path / "llava.json"),
+            "--images",
+            str(tmp_path / "img"),
+            "--out",
+            str(tmp_path / "shards" / "llava"),
+            "--samples-per-shard",
+            "2",
+        ]
+    )
     assert out["samples"] == 4 and out["shards"] == 2 and out["skipped"] == {"missing_image": 1}
     urls = expand_urls(out["urls"])
     assert len(urls) == 2 and json.loads(capsys.readouterr().out)["urls"] == out["urls"]
@@ -39,8 +52,12 @@ def test_llava_json_and_image_folder_become_shards_training_reads(tmp_path, caps
     assert report["previews"][0]["images"] == ["56x56"] and report["previews"][0]["tokens"] > 0
     assert report["previews"][1]["images"] == ["84x56", "56x56"]  # in placeholder order
 
-    loader = build_loader(PackedStream([Source("llava", urls, format="conversation")], encoder(),
-                                       _config(llm_budget=900, buffer_size=2), 0, 0, 1), 0)  # fmt: skip
+    loader = build_loader(
+        PackedStream(
+            [Source("llava", urls, format="conversation")], encoder(), _config(llm_budget=900, buffer_size=2), 0, 0, 1
+        ),
+        0,
+    )
     metas = [m for _ in range(3) for m in next(loader).meta]
     assert {m["key"].split("_", 1)[1] for m in metas if m["restore_key"]["epoch"] == 0} == {"000_a", "two", "text"}
     assert loader.skipped()["llava/image_count_mismatch"] >= 1

@@ -3,10 +3,11 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
-from helpers import encoder, sample, tiny_tokenizer
 from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.formats import Sample, Turn
+
+from helpers import encoder, sample, tiny_tokenizer
 
 
 def test_labels_are_shifted_and_cover_only_the_answer():
@@ -43,13 +44,19 @@ def test_mrope_positions_equal_transformers_get_rope_index():
     enc = encoder()
     encoded = enc.encode(sample("k", "a blue square and a red circle", images=2))
     config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                     "intermediate_size": 64, "vocab_size": len(tiny_tokenizer()),
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}},
+        text_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "intermediate_size": 64,
+            "vocab_size": len(tiny_tokenizer()),
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        },
         vision_config={"depth": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32, "out_hidden_size": 32},
         image_token_id=enc.special.image_pad,
         vision_start_token_id=enc.special.vision_start,
-    )  # fmt: skip
+    )
     model = Qwen2_5_VLModel(config)
     input_ids = torch.from_numpy(encoded.input_ids)[None]
     mm_types = (input_ids == enc.special.image_pad).int()

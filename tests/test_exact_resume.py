@@ -1,5 +1,6 @@
 """Exact resume: after an interruption the losses equal those of an uninterrupted run, bit for bit on CPU,
 across a stage boundary: one process, and 2 ranks of DeepSpeed ZeRO-2 stopped by SIGTERM to one rank."""
+
 import json
 import os
 import subprocess
@@ -8,11 +9,16 @@ import sys
 import pytest
 import torch
 
-from conftest import SMALL_DATA, make_config
 from vlm_train.train.trainer import run
 
-STAGES = ["curriculum.stages.0.steps=2", "curriculum.stages.1.steps=3", "eval.enabled=false",
-          "logger.console_interval=100"]  # fmt: skip
+from conftest import SMALL_DATA, make_config
+
+STAGES = [
+    "curriculum.stages.0.steps=2",
+    "curriculum.stages.1.steps=3",
+    "eval.enabled=false",
+    "logger.console_interval=100",
+]
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -24,8 +30,15 @@ def losses(run_dir) -> dict[int, float]:
 def test_resumed_single_process_run_equals_an_uninterrupted_one(tmp_path, stop_at, workers):
     common = [*STAGES, f"data.num_workers={workers}", "train.guard.spike_zscore=50"]
     expected = losses(_run(tmp_path / "whole", common))
-    stopped = run(make_config(f"run.dir={tmp_path / 'parts'}", *common, f"train.exit_at_step={stop_at}",
-                              "checkpoint.interval=1", "checkpoint.keep_last=1"))  # fmt: skip
+    stopped = run(
+        make_config(
+            f"run.dir={tmp_path / 'parts'}",
+            *common,
+            f"train.exit_at_step={stop_at}",
+            "checkpoint.interval=1",
+            "checkpoint.keep_last=1",
+        )
+    )
     assert stopped == {"steps": stop_at, "stopped": "exit_at_step"}
     checkpoint = tmp_path / "parts" / "checkpoints" / f"step_{stop_at:08d}"
     assert [p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()] == [checkpoint.name]  # keep_last=1
@@ -52,11 +65,26 @@ def _run(run_dir, overrides):
 
 
 def _torchrun(*overrides: str, cwd=None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "vlm_train.train",
-               *SMALL_DATA, *STAGES, "curriculum.stages.0.steps=3", "engine=deepspeed", "engine.zero_stage=2",
-               "model.llm.num_layers=1", "model.vision.depth=1", "data.pack.llm_budget=512",
-               # rank 0's gradient turns inf at step 4: DeepSpeed must skip that update on both ranks alike
-               "train.fault.inf_grad_at_steps=[4]", "train.fault.inf_grad_rank=0", *overrides]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "vlm_train.train",
+        *SMALL_DATA,
+        *STAGES,
+        "curriculum.stages.0.steps=3",
+        "engine=deepspeed",
+        "engine.zero_stage=2",
+        "model.llm.num_layers=1",
+        "model.vision.depth=1",
+        "data.pack.llm_budget=512",
+        # rank 0's gradient turns inf at step 4: DeepSpeed must skip that update on both ranks alike
+        "train.fault.inf_grad_at_steps=[4]",
+        "train.fault.inf_grad_rank=0",
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=cwd)
 

@@ -49,7 +49,9 @@ def test_pixels_and_normalized_give_same_text():
     norm = [12 / w, 5 / h, 140 / w, 60 / h]
     assert format_box(to_relative(px, w, h, "pixels")) == format_box(to_relative(norm, w, h, "normalized"))
     # resize invariance: the same box on a twice-as-large image
-    assert format_box(to_relative(px, w, h, "pixels")) == format_box(to_relative([2 * v for v in px], 2 * w, 2 * h, "pixels"))
+    assert format_box(to_relative(px, w, h, "pixels")) == format_box(
+        to_relative([2 * v for v in px], 2 * w, 2 * h, "pixels")
+    )
 
 
 @pytest.mark.parametrize(
@@ -72,7 +74,9 @@ def test_invalid_boxes_raise(box, w, h, fmt, message):
 
 
 def test_parse_box_tolerant_and_none():
-    assert parse_box("the box is ( 052 , 310 ) , ( 480 , 795 ).") == pytest.approx((52 / 999, 310 / 999, 480 / 999, 795 / 999))
+    assert parse_box("the box is ( 052 , 310 ) , ( 480 , 795 ).") == pytest.approx(
+        (52 / 999, 310 / 999, 480 / 999, 795 / 999)
+    )
     assert parse_box("(0 5 2,3 1 0),(4 8 0,7 9 5)") == pytest.approx((52 / 999, 310 / 999, 480 / 999, 795 / 999))
     first = parse_box("(001,002),(003,004) then (100,100),(200,200)")
     assert first == pytest.approx((1 / 999, 2 / 999, 3 / 999, 4 / 999))

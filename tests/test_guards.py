@@ -1,4 +1,5 @@
 """Guards: skipped steps (non-finite, loss spike) counted and limited, SIGTERM saves and exits 0, fault injection."""
+
 import json
 import math
 import os
@@ -8,12 +9,18 @@ import time
 
 import pytest
 
-from conftest import SMALL_DATA, make_config
 from vlm_train.train.config import GuardConfig
 from vlm_train.train.guards import LOSS_SPIKE, NONFINITE_LOSS, Guard, SkipLimitError
 from vlm_train.train.trainer import run
 
-SHORT = ["curriculum.stages.0.steps=2", "curriculum.stages.1.steps=3", "eval.enabled=false", "logger.console_interval=100"]
+from conftest import SMALL_DATA, make_config
+
+SHORT = [
+    "curriculum.stages.0.steps=2",
+    "curriculum.stages.1.steps=3",
+    "eval.enabled=false",
+    "logger.console_interval=100",
+]
 
 
 def _rows(run_dir):
@@ -56,8 +63,9 @@ def test_an_inf_gradient_with_a_finite_loss_is_skipped(tmp_path):
 
 
 def test_a_run_of_skips_beyond_the_limit_stops_with_a_clear_error(tmp_path):
-    cfg = make_config(f"run.dir={tmp_path}", *SHORT, "train.fault.nan_loss_at_steps=[2,3,4]",
-                      "train.guard.max_consecutive_skips=2")  # fmt: skip
+    cfg = make_config(
+        f"run.dir={tmp_path}", *SHORT, "train.fault.nan_loss_at_steps=[2,3,4]", "train.guard.max_consecutive_skips=2"
+    )
     with pytest.raises(SkipLimitError, match="max_consecutive_skips=2"):
         run(cfg)
 
@@ -70,8 +78,14 @@ def test_an_error_in_a_data_worker_stops_the_run_naming_it(tmp_path):
 
 def test_sigterm_saves_exits_zero_and_the_next_launch_resumes(tmp_path):
     """A real SIGTERM from outside, as SLURM sends it before preemption."""
-    args = [*SMALL_DATA, f"run.dir={tmp_path}", "curriculum.stages.0.steps=2", "curriculum.stages.1.steps=500",
-            "eval.enabled=false", "model.llm.num_layers=1"]  # fmt: skip
+    args = [
+        *SMALL_DATA,
+        f"run.dir={tmp_path}",
+        "curriculum.stages.0.steps=2",
+        "curriculum.stages.1.steps=500",
+        "eval.enabled=false",
+        "model.llm.num_layers=1",
+    ]
     process = subprocess.Popen(["vlm-train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -84,8 +98,13 @@ def test_sigterm_saves_exits_zero_and_the_next_launch_resumes(tmp_path):
     assert "SIGTERM" in output
     saved = json.loads(next((tmp_path / "checkpoints").glob("step_*/trainer_state.json")).read_text())["step"]
     assert saved >= 3 and len(_rows(tmp_path)) == saved
-    resumed = subprocess.run(["vlm-train", *args, f"train.exit_at_step={saved + 1}"], capture_output=True, text=True,
-                             timeout=300, env={**os.environ})  # fmt: skip
+    resumed = subprocess.run(
+        ["vlm-train", *args, f"train.exit_at_step={saved + 1}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ},
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert [r["step"] for r in _rows(tmp_path)] == list(range(1, saved + 2))

@@ -1,4 +1,5 @@
 """Hugging Face interoperability: equal logits to transformers on import, export and LLM-only import; clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import encoder, noise_image, tiny_tokenizer
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
 from vlm_train.data.image import normalise_patches
 from vlm_train.data.packer import collate
@@ -25,12 +25,29 @@ from vlm_train.model.hf import (
 from vlm_train.model.hf_weights import CheckpointMismatch
 from vlm_train.model.vit import float_pixel_values
 
+from helpers import encoder, noise_image, tiny_tokenizer
+
 transformers = pytest.importorskip("transformers")
 
-TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            rms_norm_eps=1e-6)
-VISION = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=14, temporal_patch_size=2,
-              spatial_merge_size=2, window_size=56, fullatt_block_indexes=[1])
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+)
+VISION = dict(
+    depth=3,
+    hidden_size=32,
+    intermediate_size=48,
+    num_heads=2,
+    patch_size=14,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    window_size=56,
+    fullatt_block_indexes=[1],
+)
 
 
 def _randomize(model, seed=0):
@@ -46,11 +63,17 @@ def _randomize(model, seed=0):
 def _hf_vl_config(tie=True, vision=None):
     special = encoder().special
     return transformers.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tiny_tokenizer()), rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}, **TEXT),
+        text_config=dict(
+            vocab_size=len(tiny_tokenizer()),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            **TEXT,
+        ),
         vision_config=dict(out_hidden_size=TEXT["hidden_size"], **(vision or VISION)),
-        image_token_id=special.image_pad, video_token_id=special.pad,
-        vision_start_token_id=special.vision_start, vision_end_token_id=special.vision_end, tie_word_embeddings=tie,
+        image_token_id=special.image_pad,
+        video_token_id=special.pad,
+        vision_start_token_id=special.vision_start,
+        vision_end_token_id=special.vision_end,
+        tie_word_embeddings=tie,
     )
 
 
@@ -85,9 +108,11 @@ def _hf_logits(hf_model, encoded):
     kwargs = {}
     if encoded.image_grid_thw.shape[0]:
         # HF takes normalised float patches with the frame repeated; ours get the loader's uint8 (see _assert_pack...).
-        kwargs = dict(pixel_values=torch.from_numpy(normalise_patches(encoded.pixel_values, 2)),
-                      image_grid_thw=torch.from_numpy(encoded.image_grid_thw),
-                      mm_token_type_ids=(ids == hf_model.config.image_token_id).int())
+        kwargs = dict(
+            pixel_values=torch.from_numpy(normalise_patches(encoded.pixel_values, 2)),
+            image_grid_thw=torch.from_numpy(encoded.image_grid_thw),
+            mm_token_type_ids=(ids == hf_model.config.image_token_id).int(),
+        )
     with torch.no_grad():
         return hf_model(input_ids=ids, **kwargs).logits[0]
 
@@ -101,13 +126,19 @@ def _assert_pack_matches_hf(ours: VLM, hf_model):
     bounds = batch.cu_seqlens.tolist()
     for i, encoded in enumerate(samples):
         expected = _hf_logits(hf_model, encoded)
-        torch.testing.assert_close(logits[bounds[i]:bounds[i + 1]], expected, atol=1e-4, rtol=1e-4,
-                                   msg=lambda m: f"sample {encoded.meta['key']}: {m}")
+        torch.testing.assert_close(
+            logits[bounds[i] : bounds[i + 1]],
+            expected,
+            atol=1e-4,
+            rtol=1e-4,
+            msg=lambda m, key=encoded.meta["key"]: f"sample {key}: {m}",
+        )
 
 
 def _load_hf_vl(path):
     model, info = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, output_loading_info=True)
+        path, dtype=torch.float32, output_loading_info=True
+    )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return model.eval()
 
@@ -125,10 +156,24 @@ def test_imported_qwen2_5_vl_gives_transformers_logits_on_a_pack(hf_vl_dir):
 def test_export_reloads_in_transformers_with_the_same_logits(tmp_path):
     # Our own random model: tied embeddings, no q/k/v bias (exported as exact zeros), window attention.
     cfg = ModelConfig(
-        vision=VisionConfig(hidden_size=32, depth=3, num_heads=2, intermediate_size=48, window_size=56,
-                            fullatt_block_indexes=[2], initializer_range=0.07),
-        llm=LLMConfig(mrope_section=[2, 3, 3], qkv_bias=False, **{k: v for k, v in dict(
-            hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2).items()}),
+        vision=VisionConfig(
+            hidden_size=32,
+            depth=3,
+            num_heads=2,
+            intermediate_size=48,
+            window_size=56,
+            fullatt_block_indexes=[2],
+            initializer_range=0.07,
+        ),
+        llm=LLMConfig(
+            mrope_section=[2, 3, 3],
+            qkv_bias=False,
+            hidden_size=64,
+            intermediate_size=96,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+        ),
         attn_backend="sdpa",
     )
     torch.manual_seed(1)
@@ -159,17 +204,23 @@ def test_import_then_export_writes_the_same_tensors(hf_vl_dir, tmp_path):
         assert torch.equal(written[key], value), key
     # Sharded folders import too.
     again = from_hf(out)
-    torch.testing.assert_close(again.vision.patch_embed.proj.weight.flatten(),
-                               original["visual.patch_embed.proj.weight"].flatten(), atol=0, rtol=0)
+    torch.testing.assert_close(
+        again.vision.patch_embed.proj.weight.flatten(),
+        original["visual.patch_embed.proj.weight"].flatten(),
+        atol=0,
+        rtol=0,
+    )
 
 
 def test_vision_tower_and_merger_only(hf_vl_dir):
     hf_model = _load_hf_vl(hf_vl_dir)
     # Another LLM (different depth) behind the same vision tower: only the vision config must match.
-    vision = VisionConfig(hidden_size=32, depth=3, num_heads=2, intermediate_size=48, window_size=56,
-                          fullatt_block_indexes=[1])
-    cfg = ModelConfig(vision=vision, llm=LLMConfig(hidden_size=64, num_layers=1, mrope_section=[4, 2, 2]),
-                      attn_backend="sdpa")
+    vision = VisionConfig(
+        hidden_size=32, depth=3, num_heads=2, intermediate_size=48, window_size=56, fullatt_block_indexes=[1]
+    )
+    cfg = ModelConfig(
+        vision=vision, llm=LLMConfig(hidden_size=64, num_layers=1, mrope_section=[4, 2, 2]), attn_backend="sdpa"
+    )
     ours = VLM(cfg, vocab_size=len(tiny_tokenizer()), image_token_id=encoder().special.image_pad).eval()
     llm_before = ours.llm.layers[0].mlp.up_proj.weight.clone()
     load_vision_from_hf(ours, hf_vl_dir)
@@ -187,16 +238,36 @@ def test_vision_tower_and_merger_only(hf_vl_dir):
 # ---------------------------------------------------------------- LLM-only checkpoints
 
 LLM_FAMILIES = {
-    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        vocab_size=120, tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **TEXT)),
-    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=120, rope_parameters={"rope_type": "default", "rope_theta": 5e5}, **TEXT)),
-    "llama3": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=120, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
-                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                         "original_max_position_embeddings": 16}, **TEXT)),
-    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
-        vocab_size=120, head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **TEXT)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=120,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            **TEXT,
+        )
+    ),
+    "llama": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(vocab_size=120, rope_parameters={"rope_type": "default", "rope_theta": 5e5}, **TEXT)
+    ),
+    "llama3": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=120,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 5e5,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+            **TEXT,
+        )
+    ),
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(
+            vocab_size=120, head_dim=24, rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **TEXT
+        )
+    ),
 }
 
 
@@ -225,8 +296,9 @@ def test_llm_only_import_equals_transformers(hf_llm_dir):
         logits = llm(ids, positions, cu, int((cu[1:] - cu[:-1]).max()))
         bounds = cu.tolist()
         for i, seq in enumerate(seqs):
-            torch.testing.assert_close(logits[bounds[i]:bounds[i + 1]], hf_model(input_ids=seq[None]).logits[0],
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                logits[bounds[i] : bounds[i + 1]], hf_model(input_ids=seq[None]).logits[0], atol=1e-4, rtol=1e-4
+            )
 
 
 def test_llm_checkpoint_initialises_the_llm_of_a_vlm(hf_llm_dir):
@@ -235,15 +307,16 @@ def test_llm_checkpoint_initialises_the_llm_of_a_vlm(hf_llm_dir):
     cfg = ModelConfig(vision=VisionConfig(hidden_size=32, num_heads=2), llm=theirs, attn_backend="sdpa")
     vlm = VLM(cfg, vocab_size=120, image_token_id=3).eval()
     load_llm_from_hf(vlm.llm, path)
-    seqs, ids, positions, cu = _text_pack(120, lengths=(6, 11))
+    _, ids, positions, cu = _text_pack(120, lengths=(6, 11))
     ids[ids == 3] = 4  # no image-pad tokens in a text-only pack
     batch = collate_text(ids, positions, cu)
     with torch.no_grad():
         logits = vlm(batch).logits
         for i in range(2):
-            seq = ids[cu[i]:cu[i + 1]]
-            torch.testing.assert_close(logits[cu[i]:cu[i + 1]], hf_model(input_ids=seq[None]).logits[0],
-                                       atol=1e-4, rtol=1e-4)
+            seq = ids[cu[i] : cu[i + 1]]
+            torch.testing.assert_close(
+                logits[cu[i] : cu[i + 1]], hf_model(input_ids=seq[None]).logits[0], atol=1e-4, rtol=1e-4
+            )
 
 
 def collate_text(ids, positions, cu):
@@ -251,10 +324,16 @@ def collate_text(ids, positions, cu):
 
     lengths = (cu[1:] - cu[:-1]).long()
     return PackedBatch(
-        input_ids=ids, labels=ids.clone(), position_ids=positions.expand(3, -1), cu_seqlens=cu,
-        max_seqlen=int(lengths.max()), sample_index=torch.repeat_interleave(torch.arange(len(lengths)), lengths),
-        pixel_values=torch.zeros(0, VisionConfig().patch_dim), image_grid_thw=torch.zeros(0, 3, dtype=torch.long),
-        vit_cu_seqlens=torch.zeros(1, dtype=torch.int32), vit_max_seqlen=0,
+        input_ids=ids,
+        labels=ids.clone(),
+        position_ids=positions.expand(3, -1),
+        cu_seqlens=cu,
+        max_seqlen=int(lengths.max()),
+        sample_index=torch.repeat_interleave(torch.arange(len(lengths)), lengths),
+        pixel_values=torch.zeros(0, VisionConfig().patch_dim),
+        image_grid_thw=torch.zeros(0, 3, dtype=torch.long),
+        vit_cu_seqlens=torch.zeros(1, dtype=torch.int32),
+        vit_max_seqlen=0,
     )
 
 
@@ -336,8 +415,10 @@ def test_config_fields_start_training_from_hf_weights(hf_vl_dir, tmp_path):
 
     theirs = from_hf(hf_vl_dir).cfg
     stored = SafetensorsFolder(hf_vl_dir)
-    for fields in ({"init_from_hf": str(hf_vl_dir)},
-                   {"init_llm_from_hf": str(hf_vl_dir), "init_vision_from_hf": str(hf_vl_dir)}):
+    for fields in (
+        {"init_from_hf": str(hf_vl_dir)},
+        {"init_llm_from_hf": str(hf_vl_dir), "init_vision_from_hf": str(hf_vl_dir)},
+    ):
         cfg = ModelConfig(vision=theirs.vision, llm=theirs.llm, **fields)
         vlm = VLM(cfg, vocab_size=theirs.llm.vocab_size, image_token_id=encoder().special.image_pad)
         apply_hf_init(vlm, cfg)

@@ -102,9 +102,9 @@ def test_window_positions_follow_merge_order():
 
 
 def test_token_drop_keeps_whole_windows_and_some_images_whole():
-    from helpers import sample, tiny_tokenizer
-
     from vlm_train.data.encode import Encoder
+
+    from helpers import sample, tiny_tokenizer
 
     spec = PatchSpec(min_pixels=112 * 112, max_pixels=168 * 168)
     enc = Encoder(tiny_tokenizer(), spec, ImageSampling(drop_prob=0.5, drop_rate_min=0.25, drop_rate_max=0.5))

@@ -1,6 +1,7 @@
 """launch/: the torchrun launchers and the SLURM script. Fast tests check syntax, usage, the torchrun command line
 and the stop logic (with a stand-in for torchrun); slow ones train for real: 2 nodes x 1 process over loopback,
 SIGTERM to both node launchers then resume, and the sbatch script with stub srun / scontrol / scancel."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,21 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import (LAUNCH, ROOT, assert_nothing_left, checkpoints, descendants, env, finish, free_port,
-                            logs_text, metrics_steps, overrides, start, wait_for)  # fmt: skip
+from launch_helpers import (
+    LAUNCH,
+    ROOT,
+    assert_nothing_left,
+    checkpoints,
+    descendants,
+    env,
+    finish,
+    free_port,
+    logs_text,
+    metrics_steps,
+    overrides,
+    start,
+    wait_for,
+)
 
 SCRIPTS = ["single_node.sh", "multinode.sh", "slurm.sbatch"]
 
@@ -43,19 +57,23 @@ def test_multinode_usage_lists_its_variables():
         assert name in text, name
 
 
-@pytest.mark.parametrize("variables, message", [
-    ({"NNODES": 2, "MASTER_ADDR": "a"}, "needs NODE_RANK"),
-    ({"NNODES": 2, "NODE_RANK": 0}, "needs MASTER_ADDR"),
-    ({"NNODES": 2, "NODE_RANK": 2, "MASTER_ADDR": "a"}, "NODE_RANK must be 0..1"),
-    ({"NNODES": "1:2"}, "needs RDZV_ENDPOINT"),
-    ({"NNODES": 2, "RDZV_ENDPOINT": "host"}, "host:port"),
-    ({"MASTER_PORT": 70000}, "MASTER_PORT must be a TCP port"),
-    ({"NPROC_PER_NODE": 0}, "NPROC_PER_NODE must be a positive integer"),
-    ({"MAX_RESTARTS": "x"}, "MAX_RESTARTS must be"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "variables, message",
+    [
+        ({"NNODES": 2, "MASTER_ADDR": "a"}, "needs NODE_RANK"),
+        ({"NNODES": 2, "NODE_RANK": 0}, "needs MASTER_ADDR"),
+        ({"NNODES": 2, "NODE_RANK": 2, "MASTER_ADDR": "a"}, "NODE_RANK must be 0..1"),
+        ({"NNODES": "1:2"}, "needs RDZV_ENDPOINT"),
+        ({"NNODES": 2, "RDZV_ENDPOINT": "host"}, "host:port"),
+        ({"MASTER_PORT": 70000}, "MASTER_PORT must be a TCP port"),
+        ({"NPROC_PER_NODE": 0}, "NPROC_PER_NODE must be a positive integer"),
+        ({"MAX_RESTARTS": "x"}, "MAX_RESTARTS must be"),
+    ],
+)
 def test_multinode_names_the_variable_to_fix(variables, message):
-    result = subprocess.run([str(LAUNCH / "multinode.sh")], capture_output=True, text=True,
-                            env=env(**{"NPROC_PER_NODE": 1, **variables}))  # fmt: skip
+    result = subprocess.run(
+        [str(LAUNCH / "multinode.sh")], capture_output=True, text=True, env=env(**{"NPROC_PER_NODE": 1, **variables})
+    )
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "--help" in result.stderr
 
@@ -96,8 +114,9 @@ def fake_python(tmp_path):
 
 
 def torchrun_args(script: str, fake: dict, *hydra: str, **variables: object) -> list[str]:
-    result = subprocess.run([str(LAUNCH / script), *hydra], capture_output=True, text=True,
-                            env=env(**fake, **variables))  # fmt: skip
+    result = subprocess.run(
+        [str(LAUNCH / script), *hydra], capture_output=True, text=True, env=env(**fake, **variables)
+    )
     assert result.returncode == 0, result.stderr
     return (fake["FAKE_OUT"] / "torchrun_args").read_text().splitlines()
 
@@ -109,15 +128,38 @@ def test_single_node_runs_one_worker_per_gpu_and_passes_overrides(fake_python):
 
 
 def test_multinode_static_and_c10d_command_lines(fake_python):
-    args = torchrun_args("multinode.sh", fake_python, "run.dir=x", NNODES=2, NODE_RANK=1, MASTER_ADDR="10.0.0.1",
-                         MASTER_PORT=1234, NPROC_PER_NODE=3, TORCHRUN_ARGS="--log-dir logs")  # fmt: skip
-    for flag in ["--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=1234", "--nproc-per-node=3",
-                 "--max-restarts=0", "--log-dir", "logs"]:  # fmt: skip
+    args = torchrun_args(
+        "multinode.sh",
+        fake_python,
+        "run.dir=x",
+        NNODES=2,
+        NODE_RANK=1,
+        MASTER_ADDR="10.0.0.1",
+        MASTER_PORT=1234,
+        NPROC_PER_NODE=3,
+        TORCHRUN_ARGS="--log-dir logs",
+    )
+    for flag in [
+        "--nnodes=2",
+        "--node-rank=1",
+        "--master-addr=10.0.0.1",
+        "--master-port=1234",
+        "--nproc-per-node=3",
+        "--max-restarts=0",
+        "--log-dir",
+        "logs",
+    ]:
         assert flag in args
     assert args[-3:] == ["-m", "vlm_train.train", "run.dir=x"]
     args = torchrun_args("multinode.sh", fake_python, NNODES="2:4", RDZV_ENDPOINT="n0:29400", MAX_RESTARTS=3)
-    for flag in ["--nnodes=2:4", "--rdzv-backend=c10d", "--rdzv-endpoint=n0:29400", "--rdzv-id=vlm_train",
-                 "--max-restarts=3", "--nproc-per-node=2"]:  # fmt: skip
+    for flag in [
+        "--nnodes=2:4",
+        "--rdzv-backend=c10d",
+        "--rdzv-endpoint=n0:29400",
+        "--rdzv-id=vlm_train",
+        "--max-restarts=3",
+        "--nproc-per-node=2",
+    ]:
         assert flag in args
     assert not any(a.startswith(("--node-rank", "--master")) for a in args)
 
@@ -169,17 +211,36 @@ def test_sbatch_derives_the_rendezvous_from_slurm(tmp_path):
     bin_dir, repo = stub_slurm(tmp_path), tmp_path / "repo"
     (repo / "launch").mkdir(parents=True)
     fake = repo / "launch" / "multinode.sh"
-    fake.write_text('#!/usr/bin/env bash\n'
-                    'env | grep -E "^(NNODES|NODE_RANK|MASTER_ADDR|MASTER_PORT|SRUN_CPUS_PER_TASK)="\n'
-                    'printf "ARG=%s\\n" "$@"\n')  # fmt: skip
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        'env | grep -E "^(NNODES|NODE_RANK|MASTER_ADDR|MASTER_PORT|SRUN_CPUS_PER_TASK)="\n'
+        'printf "ARG=%s\\n" "$@"\n'
+    )
     fake.chmod(0o755)
-    result = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), "run.dir=r", "run.name=a b"], capture_output=True,
-                            text=True, env=slurm_env(bin_dir, tmp_path, SLURM_SUBMIT_DIR=repo, SLURM_JOB_NUM_NODES=2,
-                                                     FAKE_HOSTS="nodeA nodeB", SLURM_CPUS_PER_TASK=8))  # fmt: skip
+    result = subprocess.run(
+        ["bash", str(LAUNCH / "slurm.sbatch"), "run.dir=r", "run.name=a b"],
+        capture_output=True,
+        text=True,
+        env=slurm_env(
+            bin_dir,
+            tmp_path,
+            SLURM_SUBMIT_DIR=repo,
+            SLURM_JOB_NUM_NODES=2,
+            FAKE_HOSTS="nodeA nodeB",
+            SLURM_CPUS_PER_TASK=8,
+        ),
+    )
     assert result.returncode == 0, result.stderr
     lines = set(result.stdout.splitlines())
-    expected = {"NNODES=2", "NODE_RANK=0", "MASTER_ADDR=nodeA", f"MASTER_PORT={20000 + 4242}", "SRUN_CPUS_PER_TASK=8",
-                "ARG=run.dir=r", "ARG=run.name=a b"}  # fmt: skip
+    expected = {
+        "NNODES=2",
+        "NODE_RANK=0",
+        "MASTER_ADDR=nodeA",
+        f"MASTER_PORT={20000 + 4242}",
+        "SRUN_CPUS_PER_TASK=8",
+        "ARG=run.dir=r",
+        "ARG=run.name=a b",
+    }
     assert expected <= lines, result.stdout
     assert "srun --nodes=2 --ntasks-per-node=1" in (tmp_path / "slurm_calls").read_text()
 
@@ -216,8 +277,14 @@ def stub_slurm(tmp_path: Path) -> Path:
 
 
 def slurm_env(bin_dir: Path, stub_dir: Path, **variables: object) -> dict[str, str]:
-    base = {"SLURM_JOB_ID": 4242, "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": 1,
-            "FAKE_HOSTS": "localhost", "SLURM_SUBMIT_DIR": ROOT, "STUB_DIR": stub_dir}  # fmt: skip
+    base = {
+        "SLURM_JOB_ID": 4242,
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_JOB_NUM_NODES": 1,
+        "FAKE_HOSTS": "localhost",
+        "SLURM_SUBMIT_DIR": ROOT,
+        "STUB_DIR": stub_dir,
+    }
     merged = env(**{**base, **variables})
     merged["PATH"] = f"{bin_dir}{os.pathsep}{merged['PATH']}"
     return merged
@@ -228,17 +295,31 @@ def slurm_env(bin_dir: Path, stub_dir: Path, **variables: object) -> dict[str, s
 
 def node_launchers(run_dir: Path, tmp_path: Path, tag: str, hydra: list[str], **rendezvous: object):
     logs = [tmp_path / f"{tag}_node{rank}.log" for rank in (0, 1)]
-    processes = [start([str(LAUNCH / "multinode.sh"), *hydra], logs[rank], NNODES=2, NPROC_PER_NODE=1,
-                       **({"NODE_RANK": rank} if "MASTER_ADDR" in rendezvous else {}), **rendezvous)
-                 for rank in (0, 1)]  # fmt: skip
+    processes = [
+        start(
+            [str(LAUNCH / "multinode.sh"), *hydra],
+            logs[rank],
+            NNODES=2,
+            NPROC_PER_NODE=1,
+            **({"NODE_RANK": rank} if "MASTER_ADDR" in rendezvous else {}),
+            **rendezvous,
+        )
+        for rank in (0, 1)
+    ]
     return processes, logs
 
 
 @pytest.mark.slow
 def test_two_nodes_over_loopback_train_to_the_end(tmp_path):
     run_dir = tmp_path / "run"
-    processes, logs = node_launchers(run_dir, tmp_path, "run", overrides(run_dir, 3, "engine=deepspeed"),
-                                     MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port())  # fmt: skip
+    processes, logs = node_launchers(
+        run_dir,
+        tmp_path,
+        "run",
+        overrides(run_dir, 3, "engine=deepspeed"),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=free_port(),
+    )
     assert finish(processes, logs) == [0, 0], logs_text(logs)[-4000:]
     saved = checkpoints(run_dir)
     assert list(saved) == [4] and saved[4]["world_size"] == 2, saved
@@ -253,21 +334,23 @@ def test_sigterm_to_both_nodes_saves_and_the_next_launch_resumes(tmp_path):
     time) resumes from the checkpoint and finishes."""
     run_dir, total = tmp_path / "run", 1 + 40
     hydra = overrides(run_dir, total - 1, "engine=deepspeed", "train.resume=auto")
-    processes, logs = node_launchers(run_dir, tmp_path, "first", hydra, MASTER_ADDR="127.0.0.1",
-                                     MASTER_PORT=free_port())  # fmt: skip
+    processes, logs = node_launchers(
+        run_dir, tmp_path, "first", hydra, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()
+    )
     wait_for(lambda: len(metrics_steps(run_dir)) >= 3, processes, logs, "3 training steps")
     for p in processes:
         os.kill(p.pid, signal.SIGTERM)
     assert finish(processes, logs) == [0, 0], logs_text(logs)[-4000:]
     saved = checkpoints(run_dir)
     assert len(saved) == 1, saved
-    (stopped_at, state), = saved.items()
+    ((stopped_at, state),) = saved.items()
     assert 3 <= stopped_at < total and state["step"] == stopped_at and state["world_size"] == 2
     assert "stopping after step" in logs_text(logs) and "SIGTERM" in logs_text(logs)
     assert not (run_dir / "summary.json").exists()
 
-    processes, logs = node_launchers(run_dir, tmp_path, "resumed", hydra, RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
-                                     RDZV_ID="resume-test")  # fmt: skip
+    processes, logs = node_launchers(
+        run_dir, tmp_path, "resumed", hydra, RDZV_ENDPOINT=f"127.0.0.1:{free_port()}", RDZV_ID="resume-test"
+    )
     assert finish(processes, logs) == [0, 0], logs_text(logs)[-4000:]
     assert f"resuming from {run_dir / 'checkpoints' / f'step_{stopped_at:08d}'}" in logs_text(logs)
     assert max(checkpoints(run_dir)) == total
@@ -282,10 +365,13 @@ def test_sbatch_preemption_notice_saves_and_requeues(tmp_path):
     run_dir, total = tmp_path / "run", 1 + 40
     bin_dir, log = stub_slurm(tmp_path), tmp_path / "batch.log"
     with open(log, "wb") as out:
-        batch = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), *overrides(run_dir, total - 1)], stdout=out,
-                                 stderr=subprocess.STDOUT, start_new_session=True,
-                                 env=slurm_env(bin_dir, tmp_path, MASTER_PORT=free_port(), NPROC_PER_NODE=1,
-                                               REQUEUE=1))  # fmt: skip
+        batch = subprocess.Popen(
+            ["bash", str(LAUNCH / "slurm.sbatch"), *overrides(run_dir, total - 1)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=slurm_env(bin_dir, tmp_path, MASTER_PORT=free_port(), NPROC_PER_NODE=1, REQUEUE=1),
+        )
     wait_for(lambda: len(metrics_steps(run_dir)) >= 3, [batch], [log], "3 training steps")
     os.kill(batch.pid, signal.SIGTERM)
     assert finish([batch], [log]) == [0], log.read_text()[-4000:]

@@ -7,9 +7,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from helpers import encoder
 from vlm_train.data.config import DataConfig
 from vlm_train.data.loader import PackedStream, Source, build_loader, expand_urls
+
+from helpers import encoder
 
 
 def _png(seed: int) -> bytes:
@@ -144,7 +145,9 @@ def test_ranks_with_uneven_shards_never_run_dry(tmp_path):
     urls = [write_shards(tmp_path / f"d{i}", 1, n)[0] for i, n in enumerate(sizes)]
     epochs = []
     for rank in range(2):
-        stream = PackedStream([Source("web", urls)], encoder(), _config(llm_budget=120), seed=1, rank=rank, world_size=2)
+        stream = PackedStream(
+            [Source("web", urls)], encoder(), _config(llm_budget=120), seed=1, rank=rank, world_size=2
+        )
         loader = build_loader(stream, 0)
         packs = [next(loader) for _ in range(12)]
         assert all(p.num_samples >= 1 for p in packs)

@@ -3,11 +3,12 @@ import math
 import pytest
 import torch
 
-from helpers import encoder, sample, tiny_tokenizer
 from vlm_train.data.packer import collate
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.train import loss as L
 from vlm_train.train.config import LossConfig
+
+from helpers import encoder, sample, tiny_tokenizer
 
 ANSWERS = ["a red circle", "a blue square and a green diamond", "(052,310),(480,795)", "an orange triangle"]
 POLICIES = [
@@ -66,8 +67,10 @@ def test_sample_square_and_token_averaging_give_the_documented_shares():
     mixed = _per_sample(batch, L.token_coefficients(batch, L.pack_totals(batch, alpha), alpha))
     torch.testing.assert_close(mixed, 0.25 * shares["sample"] + 0.75 * shares["token"])
     # A bare alpha is the mix without factors (the older call).
-    torch.testing.assert_close(L.token_coefficients(batch, L.pack_totals(batch), 0.25).double(),
-                               L.token_coefficients(batch, L.pack_totals(batch, alpha), alpha).double())  # fmt: skip
+    torch.testing.assert_close(
+        L.token_coefficients(batch, L.pack_totals(batch), 0.25).double(),
+        L.token_coefficients(batch, L.pack_totals(batch, alpha), alpha).double(),
+    )
 
 
 def test_importance_by_source_and_by_sample_field():
@@ -120,7 +123,9 @@ def _gradients(model, packs, policy, chunk_size):
     totals = _totals(packs, policy)
     loss = 0.0
     for pack in packs:
-        losses = L.token_cross_entropy(model(pack, return_logits=False).hidden, pack.labels, model.llm.lm_head, chunk_size)
+        losses = L.token_cross_entropy(
+            model(pack, return_logits=False).hidden, pack.labels, model.llm.lm_head, chunk_size
+        )
         micro = L.weighted_loss(losses, L.token_coefficients(pack, totals, policy))
         micro.backward()
         loss += float(micro.detach())

@@ -1,4 +1,5 @@
 """The VLM over packed batches: shapes, packing exactness, dummy-image gradients, errors, HF equivalence."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,9 +44,16 @@ def make_sample(parts: list[tuple], seed: int, patch_dim: int = VisionConfig().p
             _, h, w = part
             gh, gw = h // MERGE, w // MERGE  # LLM tokens per image: one per merge window
             ids.append(torch.full((gh * gw,), IMAGE_ID))
-            p = torch.stack([torch.zeros(gh * gw, dtype=torch.long),
-                             torch.arange(gh).repeat_interleave(gw),
-                             torch.arange(gw).repeat(gh)]) + start
+            p = (
+                torch.stack(
+                    [
+                        torch.zeros(gh * gw, dtype=torch.long),
+                        torch.arange(gh).repeat_interleave(gw),
+                        torch.arange(gw).repeat(gh),
+                    ]
+                )
+                + start
+            )
             pos.append(p)
             start = int(p.max()) + 1
             # Random patches stand in for the processor's merge-ordered patches; order does not matter here.
@@ -84,15 +92,18 @@ OTHER = [("text", 4), ("image", 2, 4), ("text", 6)]
 # ---------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(llm=LLMConfig(hidden_size=130)), "divisible"),
-    (dict(llm=LLMConfig(num_kv_heads=3)), "multiple"),
-    (dict(llm=LLMConfig(mrope_section=[4, 4, 4])), "mrope_section"),
-    (dict(vision=VisionConfig(num_heads=3)), "vision"),
-    (dict(attn_backend="xformers"), "attn_backend"),
-    (dict(vision=VisionConfig(initializer_range=0.0)), "vision.initializer_range"),
-    (dict(llm=LLMConfig(initializer_range=-0.1)), "llm.initializer_range"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(llm=LLMConfig(hidden_size=130)), "divisible"),
+        (dict(llm=LLMConfig(num_kv_heads=3)), "multiple"),
+        (dict(llm=LLMConfig(mrope_section=[4, 4, 4])), "mrope_section"),
+        (dict(vision=VisionConfig(num_heads=3)), "vision"),
+        (dict(attn_backend="xformers"), "attn_backend"),
+        (dict(vision=VisionConfig(initializer_range=0.0)), "vision.initializer_range"),
+        (dict(llm=LLMConfig(initializer_range=-0.1)), "llm.initializer_range"),
+    ],
+)
 def test_config_validation_names_the_problem(change, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(ModelConfig(), **change).validate()
@@ -121,7 +132,9 @@ def test_each_tower_is_initialised_at_its_own_std():
     def std_of(*modules):
         return torch.cat([m.weight.detach().flatten() for m in modules]).std().item()
 
-    vision_linears = [m for m in [*model.vision.modules(), *model.projector.modules()] if isinstance(m, torch.nn.Linear)]
+    vision_linears = [
+        m for m in [*model.vision.modules(), *model.projector.modules()] if isinstance(m, torch.nn.Linear)
+    ]
     llm_linears = [m for m in model.llm.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
     assert std_of(*vision_linears) == pytest.approx(0.1, rel=0.05)
     assert std_of(*llm_linears) == pytest.approx(0.02, rel=0.05)
@@ -199,8 +212,10 @@ def test_loader_uint8_pixels_equal_their_normalised_float_patches():
     g = torch.Generator().manual_seed(3)
     samples = [make_sample(WITH_IMAGE, 1), make_sample(OTHER, 2)]
     for s in samples:
-        s["pixels"] = [torch.randint(0, 256, (p.shape[0], vision.patch_dim // 2), generator=g, dtype=torch.uint8)
-                       for p in s["pixels"]]
+        s["pixels"] = [
+            torch.randint(0, 256, (p.shape[0], vision.patch_dim // 2), generator=g, dtype=torch.uint8)
+            for p in s["pixels"]
+        ]
     raw = pack(samples)
     expanded = dataclasses.replace(raw, pixel_values=float_pixel_values(raw.pixel_values, vision.patch_dim))
     model = make_model()
@@ -238,8 +253,9 @@ def test_activation_checkpointing_gives_the_same_loss_and_grads():
 
 
 def test_llm_with_qk_norm_untied_embeddings_and_explicit_head_dim():
-    cfg = LLMConfig(vocab_size=VOCAB, qk_norm=True, qkv_bias=False, tie_word_embeddings=False,
-                    head_dim=48, mrope_section=[8, 8, 8])
+    cfg = LLMConfig(
+        vocab_size=VOCAB, qk_norm=True, qkv_bias=False, tie_word_embeddings=False, head_dim=48, mrope_section=[8, 8, 8]
+    )
     llm = DecoderLM(cfg, attn_backend="sdpa")
     assert llm.lm_head.weight is not llm.embed_tokens.weight
     assert llm.layers[0].self_attn.q_norm.weight.shape == (48,)
@@ -271,14 +287,27 @@ def _load_hf_llm(ours: DecoderLM, hf_model) -> None:
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_tied", "qwen3"])
 def test_decoder_matches_hf_logits(family):
     torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                  tie_word_embeddings=family == "qwen2_tied")
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=family == "qwen2_tied",
+    )
     if family == "qwen3":
         hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(head_dim=48, **common))
-        ours_cfg = LLMConfig(vocab_size=VOCAB, head_dim=48, mrope_section=[8, 8, 8], qkv_bias=False,
-                             qk_norm=True, tie_word_embeddings=False)
+        ours_cfg = LLMConfig(
+            vocab_size=VOCAB,
+            head_dim=48,
+            mrope_section=[8, 8, 8],
+            qkv_bias=False,
+            qk_norm=True,
+            tie_word_embeddings=False,
+        )
     else:
         hf = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
         ours_cfg = LLMConfig(vocab_size=VOCAB, tie_word_embeddings=family == "qwen2_tied")
@@ -299,7 +328,9 @@ def test_mrope_matches_hf_qwen2_5_vl_rotary():
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf_vl
 
     text_cfg = hf_vl.Qwen2_5_VLTextConfig(
-        hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
     )
     position_ids = make_sample(WITH_IMAGE, 1)["position_ids"]
@@ -316,10 +347,16 @@ def test_vision_tower_and_merger_match_hf_qwen2_5_vl():
     model = make_model()
     vcfg = model.cfg.vision
     hf_cfg = hf_vl.Qwen2_5_VLVisionConfig(
-        depth=vcfg.depth, hidden_size=vcfg.hidden_size, num_heads=vcfg.num_heads,
-        intermediate_size=vcfg.intermediate_size, out_hidden_size=128, patch_size=vcfg.patch_size,
-        temporal_patch_size=vcfg.temporal_patch_size, in_channels=vcfg.in_channels,
-        spatial_merge_size=vcfg.spatial_merge_size, window_size=56,
+        depth=vcfg.depth,
+        hidden_size=vcfg.hidden_size,
+        num_heads=vcfg.num_heads,
+        intermediate_size=vcfg.intermediate_size,
+        out_hidden_size=128,
+        patch_size=vcfg.patch_size,
+        temporal_patch_size=vcfg.temporal_patch_size,
+        in_channels=vcfg.in_channels,
+        spatial_merge_size=vcfg.spatial_merge_size,
+        window_size=56,
         fullatt_block_indexes=list(range(vcfg.depth)),  # windows off (tiny config): every block attends in full
     )
     hf_cfg._attn_implementation = "eager"
@@ -345,8 +382,9 @@ from vlm_train.model.vision_layout import pack_keep, random_keep, vision_layout 
 
 def _window_model(full_blocks: list[int], seed: int = 0) -> VLM:
     # Windows of 56 px = 2x2 merge units = 4x4 patches.
-    vision = VisionConfig(hidden_size=32, depth=2, num_heads=2, intermediate_size=48, window_size=56,
-                          fullatt_block_indexes=full_blocks)
+    vision = VisionConfig(
+        hidden_size=32, depth=2, num_heads=2, intermediate_size=48, window_size=56, fullatt_block_indexes=full_blocks
+    )
     return make_model(ModelConfig(vision=vision, llm=LLMConfig(), attn_backend="sdpa"), seed)
 
 
@@ -401,10 +439,11 @@ def _dropping_pack(seed: int = 0):
     """A real pack from the data pipeline with half of each image's merge windows dropped, and the same undropped."""
     import numpy as np
 
-    from helpers import SPEC, sample, tiny_tokenizer
     from vlm_train.data.encode import Encoder
     from vlm_train.data.image import ImageSampling
     from vlm_train.data.packer import collate
+
+    from helpers import SPEC, sample, tiny_tokenizer
 
     sampling = ImageSampling(drop_prob=1.0, drop_rate_min=0.5, drop_rate_max=0.5)
     enc = Encoder(tiny_tokenizer(), SPEC, sampling)
@@ -418,11 +457,15 @@ def _dropping_pack(seed: int = 0):
 def test_packs_with_dropped_windows_run_and_ignore_what_was_dropped():
     batch, whole, image_pad = _dropping_pack()
     assert batch.patch_positions is not None
-    vision = VisionConfig(hidden_size=32, depth=2, num_heads=2, intermediate_size=48, window_size=56,
-                          fullatt_block_indexes=[1])
+    vision = VisionConfig(
+        hidden_size=32, depth=2, num_heads=2, intermediate_size=48, window_size=56, fullatt_block_indexes=[1]
+    )
     torch.manual_seed(0)
-    model = VLM(ModelConfig(vision=vision, attn_backend="sdpa"), vocab_size=int(batch.input_ids.max()) + 1,
-                image_token_id=image_pad).eval()
+    model = VLM(
+        ModelConfig(vision=vision, attn_backend="sdpa"),
+        vocab_size=int(batch.input_ids.max()) + 1,
+        image_token_id=image_pad,
+    ).eval()
     full = int(batch.image_grid_thw.prod(-1).sum())
     assert batch.num_patches < full and int((batch.input_ids == image_pad).sum()) * 4 == batch.num_patches
     keep = pack_keep(batch, 2)

@@ -1,9 +1,9 @@
 """A sample's logits and loss must not depend on what else is in its pack, or where (fp32, tight tolerance)."""
+
 import itertools
 
 import pytest
 import torch
-from helpers import encoder, noise_image, sample, tiny_tokenizer
 
 from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
@@ -11,6 +11,8 @@ from vlm_train.data.packer import PackConfig, Packer, collate
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.model.vit import float_pixel_values
 from vlm_train.train import loss as L
+
+from helpers import encoder, noise_image, sample, tiny_tokenizer
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 

@@ -1,10 +1,10 @@
 """The Packer and collate: budgets, boundaries, positions, truncation, resumable state; and rank balancing."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
-from helpers import SPEC, encoder, noise_image, sample, tiny_tokenizer
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
 from vlm_train.data.balance import attention_cost, balance, rank_share
@@ -14,6 +14,8 @@ from vlm_train.data.encode import Encoder
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
 from vlm_train.data.image import ImageSampling
 from vlm_train.data.packer import PackConfig, Packer, collate, restore_key
+
+from helpers import SPEC, encoder, noise_image, sample, tiny_tokenizer
 
 WORDS = ["a red circle", "a blue square and a green diamond", "an orange triangle", "a small purple star " * 6]
 
@@ -80,13 +82,19 @@ def test_packed_mrope_positions_are_transformers_get_rope_index_per_sample():
     pack = next(p for p in _stream(packer, _encoded(12)) if sum(s.num_patches > 0 for s in p) >= 2)
     batch = collate(pack)
     config = Qwen2_5_VLConfig(
-        text_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                     "intermediate_size": 64, "vocab_size": len(tiny_tokenizer()),
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}},
+        text_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "intermediate_size": 64,
+            "vocab_size": len(tiny_tokenizer()),
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+        },
         vision_config={"depth": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 32, "out_hidden_size": 32},
         image_token_id=enc.special.image_pad,
         vision_start_token_id=enc.special.vision_start,
-    )  # fmt: skip
+    )
     model = Qwen2_5_VLModel(config)
     images = 0
     for i, s in enumerate(pack):

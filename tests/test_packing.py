@@ -1,4 +1,5 @@
 """The streaming packing algorithm on sizes alone: budgets, every item once, bounded buffer and wait, fill."""
+
 import math
 import random
 
@@ -109,8 +110,9 @@ def test_same_stream_same_packs_and_restore_continues_identically():
     first = StreamPacker(budget, 48)
     head = [[i.payload for i in p] for index, s in enumerate(sizes[:300]) for p in first.push(Item(*s, payload=index))]
     restored = StreamPacker(budget, 48)
-    restored.restore([Item(i.tokens, i.patches, i.images, i.payload) for i in first.items()], first.seen_tokens,
-                     first.seen_patches)  # fmt: skip
+    restored.restore(
+        [Item(i.tokens, i.patches, i.images, i.payload) for i in first.items()], first.seen_tokens, first.seen_patches
+    )
     tail = [p for index, s in enumerate(sizes[300:], 300) for p in restored.push(Item(*s, payload=index))]
     tail = [[i.payload for i in p] for p in tail + restored.flush()]
     assert head + tail == expected

@@ -1,4 +1,5 @@
 """Model presets in conf/model: Qwen2.5-VL shapes with the released parameter counts, and ViT x LLM composition."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_config
 from vlm_train.model import VLM, DecoderLM
+
+from conftest import make_config
 
 # Parameter totals of the released checkpoints (vision tower + merger + LLM, tied weights counted once).
 RELEASED = {"qwen2_5_vl_3b": 3_754_622_976, "qwen2_5_vl_7b": 8_292_166_656}
@@ -35,8 +37,13 @@ def test_any_vision_preset_composes_with_any_llm_preset():
 
 
 # Parameter totals of the released LLMs these presets copy.
-RELEASED_LLM = {"qwen2_5_0_5b": 494_032_768, "qwen2_5_3b": 3_085_938_688, "qwen2_5_7b": 7_615_616_512,
-                "qwen3_0_6b": 596_049_920, "llama3_2_1b": 1_235_814_400}
+RELEASED_LLM = {
+    "qwen2_5_0_5b": 494_032_768,
+    "qwen2_5_3b": 3_085_938_688,
+    "qwen2_5_7b": 7_615_616_512,
+    "qwen3_0_6b": 596_049_920,
+    "llama3_2_1b": 1_235_814_400,
+}
 
 
 @pytest.mark.parametrize("llm", sorted(RELEASED_LLM))
@@ -56,7 +63,10 @@ def test_tiny_stays_the_default():
 def test_cfg_job_shows_the_composed_model_without_building_it():
     result = subprocess.run(
         [sys.executable, "-m", "vlm_train.train", "model=qwen2_5_vl_7b", "model/llm=qwen2_5_3b", "--cfg", "job"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     model = yaml.safe_load(result.stdout)["model"]

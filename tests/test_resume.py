@@ -1,4 +1,5 @@
 """Exact resume: after a restore the packs equal those of an uninterrupted run, and an epoch is read exactly once."""
+
 import gzip
 import json
 import os
@@ -8,14 +9,15 @@ from dataclasses import fields
 import pytest
 import torch
 import webdataset as wds
-
-from helpers import encoder
 from test_loader import _config, _png, write_shards
+
 from vlm_train.data import shards as shards_module
 from vlm_train.data import sources as sources_module
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.loader import PackedLoader, PackedStream, Source, build_loader
 from vlm_train.data.state import find_restore_keys
+
+from helpers import encoder
 
 BAD = {"s0i3": {"png": b"junk", "txt": "x"}, "s2i7": {"png": _png(1), "json": b"{oops"}}
 

@@ -53,7 +53,10 @@ def test_layout_and_members(shards):
     assert [os.path.basename(u) for u in shards.caption_urls] == [f"train-caption-00000{i}.tar" for i in range(3)]
     assert [os.path.basename(u) for u in shards.grounding_urls] == [f"train-grounding-00000{i}.tar" for i in range(3)]
     assert [os.path.basename(u) for u in shards.heldout_urls] == ["heldout-000000.tar"]
-    assert os.path.basename(shards.dir).startswith("synthetic-") and len(os.path.basename(shards.dir)) == len("synthetic-") + 12
+    assert (
+        os.path.basename(shards.dir).startswith("synthetic-")
+        and len(os.path.basename(shards.dir)) == len("synthetic-") + 12
+    )
     for url in shards.train_urls + shards.heldout_urls:
         assert tarfile.is_tarfile(url)
     samples = read_samples(shards.train_urls)
@@ -170,7 +173,9 @@ def test_config_change_gives_new_folder(tmp_path):
     c = ensure_synthetic_shards(dataclasses.replace(base, max_side=100))
     assert len({a.dir, b.dir, c.dir}) == 3
     # cache_dir is where the data lives, not what it is
-    assert os.path.basename(synthetic.dataset_dir(dataclasses.replace(base, cache_dir="/elsewhere"))) == os.path.basename(a.dir)
+    assert os.path.basename(
+        synthetic.dataset_dir(dataclasses.replace(base, cache_dir="/elsewhere"))
+    ) == os.path.basename(a.dir)
 
 
 def test_same_seed_gives_identical_bytes(tmp_path):

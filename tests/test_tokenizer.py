@@ -49,10 +49,10 @@ QWEN2_VL_TEMPLATE = (
 
 
 def test_a_local_hf_tokenizer_folder_encodes_like_its_qwen2_vl_chat_template(tmp_path):
-    from helpers import SPEC, noise_image
-
     from vlm_train.data.encode import Encoder
     from vlm_train.data.formats import Sample, Turn
+
+    from helpers import SPEC, noise_image
 
     tokenizer = build_tiny_tokenizer(corpus_lines())
     tokenizer.chat_template = QWEN2_VL_TEMPLATE
@@ -61,15 +61,22 @@ def test_a_local_hf_tokenizer_folder_encodes_like_its_qwen2_vl_chat_template(tmp
 
     loaded = load_tokenizer(str(tmp_path))
     images = [noise_image(112, 56), noise_image(56, 84, 1)]
-    turns = [Turn("user", "<image>\nWhat is left?"), Turn("assistant", "a red circle"),
-             Turn("user", "And <image> here?"), Turn("assistant", "a blue square")]  # fmt: skip
+    turns = [
+        Turn("user", "<image>\nWhat is left?"),
+        Turn("assistant", "a red circle"),
+        Turn("user", "And <image> here?"),
+        Turn("assistant", "a blue square"),
+    ]
     encoder = Encoder(loaded, SPEC, system_prompt="You are a helpful assistant.")
     encoded = encoder.encode(Sample("k", "s", "conversation", images, turns))
 
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is left?"}]},
         {"role": "assistant", "content": "a red circle"},
-        {"role": "user", "content": [{"type": "text", "text": "And "}, {"type": "image"}, {"type": "text", "text": " here?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "And "}, {"type": "image"}, {"type": "text", "text": " here?"}],
+        },
         {"role": "assistant", "content": "a blue square"},
     ]
     text = loaded.apply_chat_template(messages, tokenize=False)

@@ -1,4 +1,5 @@
 """tools/bench_step.py: its JSON, and that packed and padded steps compute the same thing (never timings)."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_tokenizer
 from vlm_train.data.encode import Encoder
 from vlm_train.data.image import PatchSpec
 from vlm_train.data.packer import collate
+
+from helpers import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 from tools.bench_step import BenchConfig, PaddedBatch, build_model, main, make_samples, padded_forward  # noqa: E402
@@ -22,8 +24,19 @@ FIGURES = {"tokens_per_s", "step_time_s", "pass_times_s", "peak_memory_mb", "fir
 
 
 def _check_comparison(part: dict) -> None:
-    assert {"real_tokens", "padded_tokens", "padded_over_real", "packed", "padded", "speedup", "memory_ratio",
-            "first_loss_abs_diff", "parameters", "device", "threads"} <= set(part)
+    assert {
+        "real_tokens",
+        "padded_tokens",
+        "padded_over_real",
+        "packed",
+        "padded",
+        "speedup",
+        "memory_ratio",
+        "first_loss_abs_diff",
+        "parameters",
+        "device",
+        "threads",
+    } <= set(part)
     assert set(part["packed"]) == set(part["padded"]) == FIGURES
     # Same samples, same initial weights: the same loss, however the tokens are laid out.
     assert part["packed"]["first_loss"] == pytest.approx(part["padded"]["first_loss"], rel=1e-5)
@@ -46,8 +59,9 @@ def test_packed_and_padded_forward_give_the_same_hidden_states(equal):
         padded_hidden = padded_forward(model, padded).view(4, padded.input_ids.shape[1], -1)
     bounds = pack.cu_seqlens.tolist()
     for row, sample in enumerate(samples):
-        torch.testing.assert_close(padded_hidden[row, : sample.num_tokens], packed_hidden[bounds[row]:bounds[row + 1]],
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            padded_hidden[row, : sample.num_tokens], packed_hidden[bounds[row] : bounds[row + 1]], atol=1e-5, rtol=1e-4
+        )
 
 
 def test_equal_length_samples_are_cut_to_one_length():
@@ -61,8 +75,15 @@ def test_equal_length_samples_are_cut_to_one_length():
 def test_bench_json_in_one_process(capsys):
     result = main([*FAST, "--no-isolate"])
     assert json.loads(capsys.readouterr().out) == result
-    assert {"config", "memory_method", "cpu_count", "load_avg_before", "load_avg_after", "variable",
-            "equal_length"} <= set(result)
+    assert {
+        "config",
+        "memory_method",
+        "cpu_count",
+        "load_avg_before",
+        "load_avg_after",
+        "variable",
+        "equal_length",
+    } <= set(result)
     _check_comparison(result["variable"])
     _check_comparison(result["equal_length"])
     assert result["equal_length"]["padded_over_real"] == 1.0 and "overhead" in result["equal_length"]
@@ -79,6 +100,7 @@ def test_bench_measures_cpu_memory_in_a_fresh_process_per_layout(capsys):
 
 
 def test_help_runs_as_a_script():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_step.py"), "--help"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_step.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "--rows" in result.stdout and "padded" in result.stdout

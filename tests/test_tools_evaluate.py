@@ -1,4 +1,5 @@
 """Held-out evaluation: loss per source and task, caption / grounding scores, the periodic evaluator, the tool."""
+
 from __future__ import annotations
 
 import json
@@ -10,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_config
-from helpers import encoder
-from tools_helpers import save_run, small_model, write_shard
 from vlm_train.data.loader import iter_samples
 from vlm_train.data.packer import collate
 from vlm_train.train import loss as L
 from vlm_train.train.builders import build_data, build_model
 from vlm_train.train.config import EvalConfig
 from vlm_train.train.heldout import HeldoutEvaluator
+
+from conftest import make_config
+from helpers import encoder
+from tools_helpers import save_run, small_model, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 from tools.evaluate import main  # noqa: E402
@@ -35,14 +37,22 @@ def model():
 
 @pytest.fixture()
 def shards(tmp_path):
-    return (write_shard(tmp_path / "a.tar", CAPTIONS, BOXES, seed=0),
-            write_shard(tmp_path / "b.tar", CAPTIONS[:2], BOXES[:1], seed=50))
+    return (
+        write_shard(tmp_path / "a.tar", CAPTIONS, BOXES, seed=0),
+        write_shard(tmp_path / "b.tar", CAPTIONS[:2], BOXES[:1], seed=50),
+    )
 
 
 def test_heldout_loss_is_the_token_mean_per_source_and_task(model, shards):
     enc = encoder()
-    evaluator = HeldoutEvaluator({"a": [shards[0]], "b": [shards[1]]}, enc, EvalConfig(num_caption=0, num_grounding=0),
-                                 MAX_DECODE, num_loss_samples=5, tokens_per_pack=200)
+    evaluator = HeldoutEvaluator(
+        {"a": [shards[0]], "b": [shards[1]]},
+        enc,
+        EvalConfig(num_caption=0, num_grounding=0),
+        MAX_DECODE,
+        num_loss_samples=5,
+        tokens_per_pack=200,
+    )
     metrics = evaluator(model, torch.device("cpu"))
     assert len(evaluator.loss_packs()) > 1  # several packs, each with several samples
 
@@ -58,8 +68,13 @@ def test_heldout_loss_is_the_token_mean_per_source_and_task(model, shards):
                 total, count = sums.setdefault(key, [0.0, 0])
                 sums[key] = [total + float(losses.sum()), count + supervised]
     expected = {("heldout_loss" if k == "all" else f"heldout_loss/{k}"): t / n for k, (t, n) in sums.items()}
-    assert set(expected) == {"heldout_loss", "heldout_loss/source/a", "heldout_loss/source/b",
-                             "heldout_loss/task/caption", "heldout_loss/task/grounding"}
+    assert set(expected) == {
+        "heldout_loss",
+        "heldout_loss/source/a",
+        "heldout_loss/source/b",
+        "heldout_loss/task/caption",
+        "heldout_loss/task/grounding",
+    }
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, rel=1e-5), key
     assert metrics["heldout_loss_tokens"] == sums["all"][1]
@@ -68,14 +83,16 @@ def test_heldout_loss_is_the_token_mean_per_source_and_task(model, shards):
 def test_caption_exact_match_counts_answers_equal_to_the_reference(model, tmp_path):
     """Captions set to the model's own answers score 1, another caption 0: 2 of 3 exactly."""
     cfg = EvalConfig(num_caption=3, num_grounding=2, max_new_tokens=6, prompts_per_pack=2)
-    first = HeldoutEvaluator([write_shard(tmp_path / "x.tar", CAPTIONS[:3], BOXES)], encoder(), cfg, MAX_DECODE,
-                             num_loss_samples=0).evaluate(model, torch.device("cpu"))
+    first = HeldoutEvaluator(
+        [write_shard(tmp_path / "x.tar", CAPTIONS[:3], BOXES)], encoder(), cfg, MAX_DECODE, num_loss_samples=0
+    ).evaluate(model, torch.device("cpu"))
     answers = [p.generated for p in first.predictions if p.task == "caption"]
     assert len(answers) == 3 and all(answers) and len(set(answers)) == 3
     # The same images (same seeds), now captioned with the first two answers.
     shard = write_shard(tmp_path / "y.tar", [answers[0], answers[1], "not what it says"], BOXES)
-    result = HeldoutEvaluator([shard], encoder(), cfg, MAX_DECODE, num_loss_samples=0).evaluate(model,
-                                                                                               torch.device("cpu"))
+    result = HeldoutEvaluator([shard], encoder(), cfg, MAX_DECODE, num_loss_samples=0).evaluate(
+        model, torch.device("cpu")
+    )
     metrics = result.metrics
     assert metrics["heldout_exact_match"] == pytest.approx(2 / 3) and metrics["heldout_exact_match_n"] == 3
     assert metrics["heldout_grounding_acc_n"] == 2 and 0 <= metrics["heldout_grounding_acc"] <= 1
@@ -129,6 +146,7 @@ def test_evaluate_tool_errors_name_the_problem(model, shards, tmp_path):
 
 
 def test_help_runs_as_a_script():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "evaluate.py"), "--help"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "--heldout" in result.stdout and "--num-grounding" in result.stdout

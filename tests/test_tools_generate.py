@@ -1,4 +1,5 @@
 """Generation with a KV cache: equal to the uncached reference and to transformers; tools/generate.py end to end."""
+
 from __future__ import annotations
 
 import json
@@ -9,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import encoder, sample, tiny_tokenizer
-from tools_helpers import image_file, save_run, small_model
 from vlm_train.data.loader import pack_for_generation
 from vlm_train.model.generate import SamplingConfig, generate, greedy_generate
 from vlm_train.model.hf import to_hf
 from vlm_train.model.vit import float_pixel_values
+
+from helpers import encoder, sample, tiny_tokenizer
+from tools_helpers import image_file, save_run, small_model
 
 ROOT = Path(__file__).resolve().parents[1]
 from tools.generate import main  # noqa: E402
@@ -50,14 +52,16 @@ def test_cached_decoding_gives_the_logits_of_a_full_forward(model):
                 sequences[i] = torch.cat([sequences[i], llm.embed(token[i : i + 1])])
                 positions[i] = torch.cat([positions[i], (positions[i].max() + 1).expand(3, 1)], dim=1)
                 length = sequences[i].shape[0]
-                full = llm.forward_embeds(sequences[i], positions[i], torch.tensor([0, length], dtype=torch.int32),
-                                          length)
+                full = llm.forward_embeds(
+                    sequences[i], positions[i], torch.tensor([0, length], dtype=torch.int32), length
+                )
                 torch.testing.assert_close(llm.logits(last[i]), llm.logits(full[-1]), atol=1e-4, rtol=1e-4)
     assert cache.lengths.tolist() == [b - a + 4 for a, b in zip(cu[:-1], cu[1:])]
 
 
-@pytest.mark.parametrize("sampling", [SamplingConfig(16), SamplingConfig(16, temperature=1.0, top_p=0.9, seed=3)],
-                         ids=["greedy", "top_p"])
+@pytest.mark.parametrize(
+    "sampling", [SamplingConfig(16), SamplingConfig(16, temperature=1.0, top_p=0.9, seed=3)], ids=["greedy", "top_p"]
+)
 def test_cached_generation_equals_uncached_token_for_token(model, sampling):
     prompts = _prompts()
     stop = encoder().special.im_end
@@ -74,7 +78,8 @@ def test_cached_generation_equals_uncached_token_for_token(model, sampling):
 def test_greedy_generate_keeps_its_api(model):
     prompts = _prompts()
     assert greedy_generate(model, prompts, 5, encoder().special.im_end) == generate(
-        model, prompts, SamplingConfig(5), encoder().special.im_end, use_cache=False)
+        model, prompts, SamplingConfig(5), encoder().special.im_end, use_cache=False
+    )
 
 
 def test_sampling_settings_are_checked(model):
@@ -99,11 +104,20 @@ def test_generation_equals_transformers_generate(model, tmp_path):
             pixels = torch.from_numpy(encoded.pixel_values)
             if pixels.dtype == torch.uint8:  # the loader's raw layout; HF takes normalised float patches
                 pixels = float_pixel_values(pixels, model.cfg.vision.patch_dim)
-            kwargs = dict(pixel_values=pixels, image_grid_thw=torch.from_numpy(encoded.image_grid_thw),
-                          mm_token_type_ids=(ids == enc.special.image_pad).int())
-        out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                                do_sample=False, eos_token_id=enc.special.im_end, **kwargs)
-        theirs = out[0, ids.shape[1]:].tolist()
+            kwargs = dict(
+                pixel_values=pixels,
+                image_grid_thw=torch.from_numpy(encoded.image_grid_thw),
+                mm_token_type_ids=(ids == enc.special.image_pad).int(),
+            )
+        out = hf_model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=10,
+            do_sample=False,
+            eos_token_id=enc.special.im_end,
+            **kwargs,
+        )
+        theirs = out[0, ids.shape[1] :].tolist()
         if enc.special.im_end in theirs:  # transformers keeps the stop token; ours ends before it
             theirs = theirs[: theirs.index(enc.special.im_end)]
         assert answer == theirs
@@ -113,8 +127,19 @@ def test_generation_equals_transformers_generate(model, tmp_path):
 def test_generate_tool_on_our_checkpoint_and_its_hf_export(model, tmp_path, capsys):
     save_run(tmp_path / "run", model)
     images = [image_file(tmp_path, "a.png", 84, 56, 1), image_file(tmp_path, "b.png", 56, 112, 2)]
-    args = ["--image", images[0], "--image", images[1], "--prompt", "Compare <image> and <image>.",
-            "--max-new-tokens", "8", "--json", "--device", "cpu"]
+    args = [
+        "--image",
+        images[0],
+        "--image",
+        images[1],
+        "--prompt",
+        "Compare <image> and <image>.",
+        "--max-new-tokens",
+        "8",
+        "--json",
+        "--device",
+        "cpu",
+    ]
     result = main([str(tmp_path / "run"), *args])
     assert json.loads(capsys.readouterr().out)["answer"] == result["answer"]
     assert result["kind"] == "vlm_train" and result["checkpoint"].endswith("step_00000005")
@@ -129,8 +154,9 @@ def test_generate_tool_on_our_checkpoint_and_its_hf_export(model, tmp_path, caps
     from_hf = main([str(tmp_path / "hf"), *args, "--min-pixels", str(56 * 56), "--max-pixels", str(168 * 168)])
     assert from_hf["kind"] == "hf" and from_hf["tokens"] == result["tokens"]
 
-    sampled = [main([str(tmp_path / "run"), *args, "--temperature", "1", "--seed", str(seed)])["tokens"]
-               for seed in (1, 1, 2)]
+    sampled = [
+        main([str(tmp_path / "run"), *args, "--temperature", "1", "--seed", str(seed)])["tokens"] for seed in (1, 1, 2)
+    ]
     assert sampled[0] == sampled[1] != sampled[2]
 
 
@@ -148,6 +174,7 @@ def test_generate_tool_errors_name_the_problem(model, tmp_path):
 
 
 def test_help_runs_as_a_script():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), "--help"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "generate.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "--temperature" in result.stdout and "--image" in result.stdout

@@ -1,4 +1,5 @@
 """tools/merge_checkpoints.py: weighted averages of checkpoints of one model, and clear refusals otherwise."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import encoder, sample, tiny_tokenizer
-from tools_helpers import save_run, small_model
-
 from vlm_train.data.packer import collate
 from vlm_train.model import VLM
 from vlm_train.train.checkpoint import load_model_weights
+
+from helpers import encoder, sample, tiny_tokenizer
+from tools_helpers import save_run, small_model
 
 ROOT = Path(__file__).resolve().parents[1]
 from tools.merge_checkpoints import CheckpointMismatch, main  # noqa: E402
@@ -62,8 +63,20 @@ def test_uniform_default_explicit_weights_and_dtype(runs, tmp_path):
     uniform = main([str(runs[0]), str(runs[1]), "--out", str(tmp_path / "u")])
     assert uniform["weights"] == [0.5, 0.5]
     a, b = _weights(runs[0]), _weights(runs[1])
-    diff = main([str(runs[0]), str(runs[1]), "--out", str(tmp_path / "d"), "--weights", "1", "-1", "--no-normalize",
-                 "--dtype", "bfloat16"])
+    diff = main(
+        [
+            str(runs[0]),
+            str(runs[1]),
+            "--out",
+            str(tmp_path / "d"),
+            "--weights",
+            "1",
+            "-1",
+            "--no-normalize",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     assert diff["weights"] == [1.0, -1.0] and not diff["normalized"]
     merged = _weights(tmp_path / "d")
     name = "llm.embed_tokens.weight"
@@ -121,6 +134,10 @@ def test_bad_arguments_are_clear_errors(runs, tmp_path):
 
 
 def test_help_runs_as_a_script():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "merge_checkpoints.py"), "--help"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "merge_checkpoints.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and "--weights" in result.stdout and "--no-normalize" in result.stdout

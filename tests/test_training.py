@@ -4,11 +4,12 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import SMALL_DATA, make_config
 from test_loader import write_shards
+
 from vlm_train.data.config import SourceConfig
 from vlm_train.train.trainer import run
+
+from conftest import SMALL_DATA, make_config
 
 
 def test_a_short_run_lowers_the_loss(tmp_path):
@@ -46,8 +47,17 @@ def test_stages_in_tokens_wsd_and_the_metrics_of_a_step(tmp_path):
     last = rows[-1]
     assert last["lr/vision"] == pytest.approx(0.5 * last["lr/llm"]) and last["lr/projector"] == last["lr/llm"]
     assert last["mfu"] == pytest.approx(last["tflops_per_s"] / 0.5)
-    for key in ("grad_norm", "tokens_per_s", "samples_per_s", "packing/llm_fill", "packing/vit_fill",
-                "skipped_steps", "loss/source/shapes_caption", "loss/task/grounding", "memory/max_rss_gb"):
+    for key in (
+        "grad_norm",
+        "tokens_per_s",
+        "samples_per_s",
+        "packing/llm_fill",
+        "packing/vit_fill",
+        "skipped_steps",
+        "loss/source/shapes_caption",
+        "loss/task/grounding",
+        "memory/max_rss_gb",
+    ):
         assert isinstance(last[key], (int, float)) and last[key] >= 0, key
     assert 0.5 < last["packing/llm_fill"] <= 1.0
 
@@ -55,8 +65,13 @@ def test_stages_in_tokens_wsd_and_the_metrics_of_a_step(tmp_path):
 def test_a_stage_sets_the_mixture_and_bad_samples_are_counted_per_source(tmp_path):
     bad = {"s0i1": {"png": b"garbage", "txt": "x"}, "s1i0": {"txt": "no image"}}
     urls = write_shards(tmp_path / "web", 2, 12, bad)
-    cfg = make_config(f"run.dir={tmp_path / 'run'}", "curriculum.stages.0.steps=2", "curriculum.stages.1.steps=6",
-                      "eval.enabled=false", "data.pack.buffer_size=16")  # fmt: skip
+    cfg = make_config(
+        f"run.dir={tmp_path / 'run'}",
+        "curriculum.stages.0.steps=2",
+        "curriculum.stages.1.steps=6",
+        "eval.enabled=false",
+        "data.pack.buffer_size=16",
+    )
     cfg.data.sources = [SourceConfig(name="web", urls="::".join(urls))]
     cfg.curriculum.stages[0].data.mixture = {"web": 1.0}  # stage 1 reads only web, stage 2 only shapes
     cfg.curriculum.stages[1].data.mixture = {"shapes_caption": 1.0}
@@ -80,9 +95,19 @@ def test_single_engine_refuses_several_processes(tmp_path):
 
 
 def test_torchrun_launches_the_module_entry_point(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "-m", "vlm_train.train",
-               *SMALL_DATA, "curriculum.stages.0.steps=1", "curriculum.stages.1.steps=1", "eval.enabled=false",
-               f"run.dir={tmp_path}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=1",
+        "-m",
+        "vlm_train.train",
+        *SMALL_DATA,
+        "curriculum.stages.0.steps=1",
+        "curriculum.stages.1.steps=1",
+        "eval.enabled=false",
+        f"run.dir={tmp_path}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2

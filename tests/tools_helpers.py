@@ -1,4 +1,5 @@
 """Builders shared by the tools' tests: a small random VLM, a run folder with its checkpoint, image files, shards."""
+
 from __future__ import annotations
 
 import io
@@ -9,15 +10,23 @@ import torch
 import webdataset as wds
 from omegaconf import OmegaConf
 
-from helpers import encoder, noise_image, tiny_tokenizer
 from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
 from vlm_train.train.checkpoint import save_checkpoint
 from vlm_train.train.config import Config
 
+from helpers import encoder, noise_image, tiny_tokenizer
+
 SMALL = ModelConfig(
     vision=VisionConfig(hidden_size=32, num_heads=2, intermediate_size=48),
-    llm=LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
-                  mrope_section=[2, 3, 3], tie_word_embeddings=False),
+    llm=LLMConfig(
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=96,
+        mrope_section=[2, 3, 3],
+        tie_word_embeddings=False,
+    ),
     attn_backend="sdpa",
 )
 

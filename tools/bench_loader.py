@@ -7,6 +7,7 @@ machine's load average before and after (other processes on the cores make the f
     OMP_NUM_THREADS=1 python tools/bench_loader.py --samples 1000 --workers 0
     OMP_NUM_THREADS=1 python tools/bench_loader.py --samples 1000 --workers 0 --resize torch
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,27 @@ from vlm_train.data.shards import iter_shard
 from vlm_train.data.synthetic import corpus_lines
 from vlm_train.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 
-WORDS = ["a", "red", "green", "blue", "large", "small", "circle", "square", "photo", "of", "the", "with", "on", "in", "near", "old", "new", "bright", "dark"]
+WORDS = [
+    "a",
+    "red",
+    "green",
+    "blue",
+    "large",
+    "small",
+    "circle",
+    "square",
+    "photo",
+    "of",
+    "the",
+    "with",
+    "on",
+    "in",
+    "near",
+    "old",
+    "new",
+    "bright",
+    "dark",
+]
 
 
 def photo_like(rng: np.random.Generator, side: int) -> Image.Image:
@@ -92,8 +113,10 @@ def _stages(urls: list[str], encoder: Encoder, cfg: DataConfig, limit: int) -> d
         for pack in timed("pack", packer.add, encoded):
             timed("pack", collate, pack)
     result = {f"{k}_ms_per_sample": round(1000 * v / len(raws), 3) for k, v in timings.items()}
-    result["note"] = "encode = resize + patchify + chat template + tokenize; pack = packer + collate; " \
-                     "resize includes the PIL image to numpy copy"
+    result["note"] = (
+        "encode = resize + patchify + chat template + tokenize; pack = packer + collate; "
+        "resize includes the PIL image to numpy copy"
+    )
     return result
 
 
@@ -106,8 +129,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--max-pixels", type=int, default=1280 * 28 * 28, help="image area cap (Qwen2-VL's default)")
     parser.add_argument("--llm-budget", type=int, default=8192, help="LLM tokens per pack")
     parser.add_argument("--vit-budget", type=int, default=32768, help="ViT patches per pack")
-    parser.add_argument("--resize", default="pil", choices=RESIZE_METHODS,
-                        help="pil: HF's pixels exactly; torch: SIMD uint8 resize, ~2.5x faster, +-1 on some values")
+    parser.add_argument(
+        "--resize",
+        default="pil",
+        choices=RESIZE_METHODS,
+        help="pil: HF's pixels exactly; torch: SIMD uint8 resize, ~2.5x faster, +-1 on some values",
+    )
     parser.add_argument("--tokenizer", default="tiny", help="'tiny' or a local Hugging Face tokenizer folder")
     parser.add_argument("--dir", default="", help="shard folder to reuse or fill (default: a temporary one)")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timings")
@@ -126,8 +153,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         spec = PatchSpec(min_pixels=cfg.image.min_pixels, max_pixels=cfg.image.max_pixels, resize=args.resize)
         encoder = Encoder(tokenizer, spec)
         total = sum(1 for url in urls for _ in iter_shard(url))
-        loader = build_loader(PackedStream([Source("bench", urls)], encoder, cfg, seed=0, rank=0, world_size=1),
-                              args.workers)  # fmt: skip
+        loader = build_loader(
+            PackedStream([Source("bench", urls)], encoder, cfg, seed=0, rank=0, world_size=1), args.workers
+        )
         load_before = os.getloadavg()[0]
         next(loader)  # worker start-up and buffer fill are not throughput
         start, samples, tokens, patches = time.perf_counter(), 0, 0, 0

@@ -6,6 +6,7 @@
 It is `tools/pack_stats.py --lengths` over a freshly made mix (`tools/pack_mix.py`), swept over buffers, so
 the README's packing table can be re-made with one command.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         mix = os.path.join(tmp, "mix.jsonl")
         write_mix(mix, args.samples, args.seed)
         runs = {str(buffer): simulate(length_items(mix, budget), budget, buffer).summary() for buffer in args.buffers}
-    print(json.dumps({"samples": args.samples, "seed": args.seed, "llm_budget": args.llm_budget,
-                      "vit_budget": args.vit_budget, "buffers": runs}))
+    print(
+        json.dumps(
+            {
+                "samples": args.samples,
+                "seed": args.seed,
+                "llm_budget": args.llm_budget,
+                "vit_budget": args.vit_budget,
+                "buffers": runs,
+            }
+        )
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ allocation before the first step (layouts run one after the other); on CPU the g
 (VmHWM) over warm-up and one timed pass, each layout in a fresh process (--no-isolate: measured in this
 process, where only the first layout's figure is meaningful).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,10 @@ from vlm_train.model.vlm import VLM
 from vlm_train.train.loss import token_cross_entropy
 
 MODES = ("packed", "padded")
-WORDS = ("a red green blue yellow purple orange square triangle ring cross small large left right top bottom "
-         "of the on near above below with and image shape").split()  # fmt: skip
+WORDS = (
+    "a red green blue yellow purple orange square triangle ring cross small large left right top bottom of the on "
+    "near above below with and image shape"
+).split()
 
 
 @dataclass
@@ -99,8 +102,10 @@ def make_samples(cfg: BenchConfig, encoder: Encoder, count: int, equal: bool) ->
         length = cfg.equal_tokens or min(s.num_tokens for s in samples)
         cut = [truncate(s, Budget(length, 1 << 30), encoder.special) for s in samples]
         if any(c is None or c.num_tokens != length for c in cut):
-            raise ValueError(f"cannot cut every sample to {length} tokens without cutting an image: raise "
-                             "--equal-tokens or --max-words")  # fmt: skip
+            raise ValueError(
+                f"cannot cut every sample to {length} tokens without cutting an image: raise "
+                "--equal-tokens or --max-words"
+            )
         samples = cut
     return samples
 
@@ -130,8 +135,14 @@ class PaddedBatch:
             labels[row, : s.num_tokens] = torch.from_numpy(s.labels)
             positions[:, row, : s.num_tokens] = torch.from_numpy(s.position_ids)
         pack = collate(samples)  # the image patches, laid out as the packed batch has them
-        return cls(ids, labels, positions, torch.tensor([s.num_tokens for s in samples]), pack.pixel_values,
-                   pack.image_grid_thw)  # fmt: skip
+        return cls(
+            ids,
+            labels,
+            positions,
+            torch.tensor([s.num_tokens for s in samples]),
+            pack.pixel_values,
+            pack.image_grid_thw,
+        )
 
     def to(self, device: torch.device) -> PaddedBatch:
         return PaddedBatch(**{k: v.to(device) for k, v in self.__dict__.items()})
@@ -142,8 +153,13 @@ def _padded_layer(
 ) -> torch.Tensor:
     attn = layer.self_attn
     q, k, v = attn.project(layer.input_layernorm(x), cos, sin)  # [B, L, H, hd]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                         enable_gqa=attn.num_heads != attn.num_kv_heads)  # fmt: skip
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=mask,
+        enable_gqa=attn.num_heads != attn.num_kv_heads,
+    )
     x = x + attn.o_proj(out.transpose(1, 2).flatten(2))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 
@@ -216,9 +232,13 @@ class Layout:
         tokenizer = build_tiny_tokenizer(corpus_lines())
         self.model = build_model(cfg, len(tokenizer), special_ids(tokenizer).image_pad).to(self.device).train()
         vision = self.model.cfg.vision  # the samples take the model's patch geometry, whatever the preset
-        spec = PatchSpec(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                         merge_size=vision.spatial_merge_size, min_pixels=min(56 * 56, cfg.min_side**2),
-                         max_pixels=cfg.max_side**2)
+        spec = PatchSpec(
+            patch_size=vision.patch_size,
+            temporal_patch_size=vision.temporal_patch_size,
+            merge_size=vision.spatial_merge_size,
+            min_pixels=min(56 * 56, cfg.min_side**2),
+            max_pixels=cfg.max_side**2,
+        )
         encoder = Encoder(tokenizer, spec)
         samples = make_samples(cfg, encoder, cfg.rows * (cfg.warmup + cfg.steps), equal)
         self.groups = [samples[i : i + cfg.rows] for i in range(0, len(samples), cfg.rows)]
@@ -364,8 +384,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     defaults = BenchConfig()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    parser.add_argument("--no-isolate", action="store_true", help="CPU peak memory measured in this process, not "
-                        "in a fresh one per layout (then meaningful only for the first)")  # fmt: skip
+    parser.add_argument(
+        "--no-isolate",
+        action="store_true",
+        help="CPU peak memory measured in this process, not "
+        "in a fresh one per layout (then meaningful only for the first)",
+    )
     parser.add_argument("--skip-equal", action="store_true", help="skip the equal-length (varlen overhead) run")
     args = parser.parse_args(argv)
     isolate = not args.no_isolate

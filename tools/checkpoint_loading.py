@@ -3,6 +3,7 @@
 Ours: checkpoints/step_XXXXXXXX/ (model.safetensors, config.yaml, tokenizer/) or a run folder (its newest
 complete checkpoint). Hugging Face: a Qwen2.5-VL folder (config.json, safetensors, tokenizer files).
 """
+
 from __future__ import annotations
 
 import json
@@ -116,8 +117,13 @@ def load(
         prompt = data.system_prompt if data is not None else ""
     vision = model.cfg.vision
     low, high = pixels or (PatchSpec.min_pixels, PatchSpec.max_pixels)
-    spec = PatchSpec(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                     merge_size=vision.spatial_merge_size, min_pixels=min_pixels or low, max_pixels=max_pixels or high)
+    spec = PatchSpec(
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+        min_pixels=min_pixels or low,
+        max_pixels=max_pixels or high,
+    )
     encoder = Encoder(tokenizer, spec, system_prompt=prompt if system_prompt is None else system_prompt)
     return Loaded(model.to(device).eval(), tokenizer, encoder, checkpoint, kind, data)
 

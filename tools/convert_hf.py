@@ -7,6 +7,7 @@ to-hf reads checkpoints/step_XXXXXXXX/ (model.safetensors, config.yaml, tokenize
 of a run folder, and writes a folder transformers loads as Qwen2_5_VLForConditionalGeneration. from-hf writes
 RUN_DIR/checkpoints/step_XXXXXXXX/ from a Qwen2.5-VL folder. Both print a JSON summary.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     found = complete_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"{path}: neither a checkpoint folder (model.safetensors) nor a run folder with "
-                                "complete checkpoints under checkpoints/")
+        raise FileNotFoundError(
+            f"{path}: neither a checkpoint folder (model.safetensors) nor a run folder with "
+            "complete checkpoints under checkpoints/"
+        )
     return found[-1]
 
 
@@ -74,15 +77,25 @@ def load_checkpoint_model(checkpoint: Path, image_token_id: int | None = None) -
     return model, tokenizer
 
 
-def convert_to_hf(source: str | Path, out: str | Path, dtype: str = "auto", image_token_id: int | None = None,
-                  max_shard_size: str = "5GB") -> dict[str, Any]:
+def convert_to_hf(
+    source: str | Path,
+    out: str | Path,
+    dtype: str = "auto",
+    image_token_id: int | None = None,
+    max_shard_size: str = "5GB",
+) -> dict[str, Any]:
     checkpoint = resolve_checkpoint(source)
     model, tokenizer = load_checkpoint_model(checkpoint, image_token_id)
     target = None if dtype == "auto" else DTYPES[dtype]
     folder = to_hf(model, out, tokenizer=tokenizer, dtype=target, max_shard_size=max_shard_size)
-    return {"direction": "to-hf", "checkpoint": str(checkpoint), "output": str(folder),
-            "parameters": model.num_parameters(), "tokenizer": tokenizer is not None,
-            "files": sorted(p.name for p in folder.iterdir())}
+    return {
+        "direction": "to-hf",
+        "checkpoint": str(checkpoint),
+        "output": str(folder),
+        "parameters": model.num_parameters(),
+        "tokenizer": tokenizer is not None,
+        "files": sorted(p.name for p in folder.iterdir()),
+    }
 
 
 def convert_from_hf(source: str | Path, run_dir: str | Path, step: int = 0, dtype: str = "float32") -> dict[str, Any]:
@@ -101,8 +114,13 @@ def convert_from_hf(source: str | Path, run_dir: str | Path, step: int = 0, dtyp
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(config))
     state = {"step": step, "converted_from": str(source.resolve())}
     folder = save_checkpoint(run_dir, step, model, None, state, config_yaml, tokenizer, keep_last=0)
-    return {"direction": "from-hf", "source": str(source), "checkpoint": str(folder),
-            "parameters": model.num_parameters(), "tokenizer": tokenizer is not None}
+    return {
+        "direction": "from-hf",
+        "source": str(source),
+        "checkpoint": str(folder),
+        "parameters": model.num_parameters(),
+        "tokenizer": tokenizer is not None,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

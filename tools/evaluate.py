@@ -11,6 +11,7 @@ grounding samples; a caption counts when it equals the reference exactly, a box 
 --heldout, the checkpoint's training config says where its held-out shards are. Prints JSON.
 The same evaluation runs inside training through vlm_train.train.heldout.HeldoutEvaluator.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,10 +62,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("checkpoint", help="run folder, checkpoints/step_XXXXXXXX folder, or Hugging Face folder")
     parser.add_argument("--heldout", action="append", default=[], help="NAME=URLS held-out shards (repeatable)")
     parser.add_argument("--num-loss", type=int, default=200, help="samples per set for the loss (0: no loss)")
-    parser.add_argument("--num-caption", type=int, default=EvalConfig.num_caption,
-                        help="caption samples scored by exact match")
-    parser.add_argument("--num-grounding", type=int, default=EvalConfig.num_grounding,
-                        help="grounding samples scored by IoU >= 0.5")
+    parser.add_argument(
+        "--num-caption", type=int, default=EvalConfig.num_caption, help="caption samples scored by exact match"
+    )
+    parser.add_argument(
+        "--num-grounding", type=int, default=EvalConfig.num_grounding, help="grounding samples scored by IoU >= 0.5"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--prompts-per-pack", type=int, default=64, help="prompts generated together")
     parser.add_argument("--tokens-per-pack", type=int, default=4096, help="LLM tokens per pack for the loss")
@@ -79,17 +82,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = pick_device(args.device)
     loaded = load(args.checkpoint, device, args.dtype, args.attn_backend)
     sets = parse_sets(args.heldout, args.allow_pipe) if args.heldout else configured_sets(loaded.data, loaded.path)
-    max_decode = args.max_decode_pixels or (loaded.data.image.max_decode_pixels if loaded.data else
-                                            DataConfig().image.max_decode_pixels)  # fmt: skip
-    cfg = EvalConfig(num_caption=args.num_caption, num_grounding=args.num_grounding,
-                     max_new_tokens=args.max_new_tokens, prompts_per_pack=args.prompts_per_pack)  # fmt: skip
+    max_decode = args.max_decode_pixels or (
+        loaded.data.image.max_decode_pixels if loaded.data else DataConfig().image.max_decode_pixels
+    )
+    cfg = EvalConfig(
+        num_caption=args.num_caption,
+        num_grounding=args.num_grounding,
+        max_new_tokens=args.max_new_tokens,
+        prompts_per_pack=args.prompts_per_pack,
+    )
     evaluator = HeldoutEvaluator(sets, loaded.encoder, cfg, max_decode, args.num_loss, args.tokens_per_pack)
     started = time.perf_counter()
     with autocast(device, loaded.model):
         result = evaluator.evaluate(loaded.model, device)
-    summary: dict[str, Any] = {"checkpoint": str(loaded.path), "kind": loaded.kind,
-                               "sets": {name: len(urls) for name, urls in sets.items()},
-                               **result.metrics, "seconds": time.perf_counter() - started}  # fmt: skip
+    summary: dict[str, Any] = {
+        "checkpoint": str(loaded.path),
+        "kind": loaded.kind,
+        "sets": {name: len(urls) for name, urls in sets.items()},
+        **result.metrics,
+        "seconds": time.perf_counter() - started,
+    }
     if args.predictions:
         with open(args.predictions, "w", encoding="utf-8") as f:
             for p in result.predictions:

@@ -9,6 +9,7 @@ Images go before the prompt unless the prompt places them with <image>, one per 
 (temperature 0) or sampled (temperature, top-p, seed), with a KV cache (--no-cache: the slower reference).
 Prints the answer, or with --json a JSON object with the answer, its tokens and the settings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,14 +49,16 @@ def prompt_sample(prompt: str, images: list[Image.Image]) -> Sample:
     """A one-turn conversation: the images (before the text unless it places them) and the prompt."""
     placed = prompt.count(IMAGE_PLACEHOLDER)
     if placed and placed != len(images):
-        raise ValueError(f"the prompt has {placed} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images "
-                         "were given")
+        raise ValueError(
+            f"the prompt has {placed} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images were given"
+        )
     text = prompt if placed else IMAGE_PLACEHOLDER * len(images) + prompt
     return Sample("prompt", "cli", "generate", images, [Turn("user", text), Turn("assistant", "")])
 
 
-def answer(loaded: Loaded, prompt: str, images: list[Image.Image], sampling: SamplingConfig, device,
-           use_cache: bool = True) -> dict[str, Any]:  # fmt: skip
+def answer(
+    loaded: Loaded, prompt: str, images: list[Image.Image], sampling: SamplingConfig, device, use_cache: bool = True
+) -> dict[str, Any]:
     """Generate the answer to one prompt; returns the text, its token ids and the prompt length."""
     encoded = loaded.encoder.encode(prompt_sample(prompt, images), for_generation=True)
     prompts = collate([encoded]).to(device)
@@ -89,14 +92,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sampling.validate()
     images = read_images(args.image)
     device = pick_device(args.device)
-    loaded = load(args.checkpoint, device, args.dtype, args.attn_backend, args.min_pixels, args.max_pixels,
-                  args.system_prompt)  # fmt: skip
+    loaded = load(
+        args.checkpoint, device, args.dtype, args.attn_backend, args.min_pixels, args.max_pixels, args.system_prompt
+    )
     started = time.perf_counter()
     result = answer(loaded, args.prompt, images, sampling, device, use_cache=not args.no_cache)
     seconds = time.perf_counter() - started
-    result.update({"checkpoint": str(loaded.path), "kind": loaded.kind, "images": len(images),
-                   "new_tokens": len(result["tokens"]), "seconds": seconds,
-                   "sampling": vars(sampling), "kv_cache": not args.no_cache, "device": str(device)})  # fmt: skip
+    result.update(
+        {
+            "checkpoint": str(loaded.path),
+            "kind": loaded.kind,
+            "images": len(images),
+            "new_tokens": len(result["tokens"]),
+            "seconds": seconds,
+            "sampling": vars(sampling),
+            "kv_cache": not args.no_cache,
+            "device": str(device),
+        }
+    )
     print(json.dumps(result, indent=2) if args.json else result["answer"])
     return result
 

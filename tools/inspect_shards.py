@@ -6,6 +6,7 @@
 Each sample goes through the training pipeline's own decoding (and, unless --no-encode, its chat template,
 tokenizer and image resize), so a sample listed as valid here is one training will use. Prints JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,21 @@ def _preview(sample, encoded) -> dict[str, Any]:
         "turns": [{"role": t.role, "text": t.text[:300]} for t in sample.turns],
     }
     if encoded is not None:
-        preview.update(tokens=encoded.num_tokens, patches=encoded.num_patches,
-                       image_grids=encoded.image_grid_thw.tolist())  # fmt: skip
+        preview.update(
+            tokens=encoded.num_tokens, patches=encoded.num_patches, image_grids=encoded.image_grid_thw.tolist()
+        )
     return preview
 
 
-def inspect(urls: list[str], fmt: str, encoder: Encoder | None, packer: Packer | None, previews: int,
-            max_samples: int, max_decode_pixels: int) -> dict[str, Any]:  # fmt: skip
+def inspect(
+    urls: list[str],
+    fmt: str,
+    encoder: Encoder | None,
+    packer: Packer | None,
+    previews: int,
+    max_samples: int,
+    max_decode_pixels: int,
+) -> dict[str, Any]:
     """Counts, previews and problems of the samples in `urls` (at most `max_samples`, 0: all)."""
     counts: Counter = Counter()
     reasons: Counter = Counter()

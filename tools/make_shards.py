@@ -8,6 +8,7 @@
 become text-only conversations. `captions`: every image with a `.txt` beside it (same stem) becomes `key.<ext>` +
 `key.txt`, the caption layout img2dataset writes. Prints JSON: shard pattern for a data config, counts, skips.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,8 +87,11 @@ def caption_samples(folder: str, skipped: Counter) -> Iterator[dict[str, Any]]:
                 skipped["empty_caption"] += 1
                 continue
             image_ext, data = _image_member(os.path.join(root, name))
-            yield {"__key__": safe_key(os.path.relpath(os.path.join(root, stem), folder), index), image_ext: data,
-                   "txt": caption.encode("utf-8")}  # fmt: skip
+            yield {
+                "__key__": safe_key(os.path.relpath(os.path.join(root, stem), folder), index),
+                image_ext: data,
+                "txt": caption.encode("utf-8"),
+            }
             index += 1
 
 
@@ -98,7 +102,9 @@ def write_shards(samples: Iterator[dict[str, Any]], out: str, samples_per_shard:
     pattern = os.path.abspath(out) + "-%06d.tar"
     max_size = int(max_shard_mb * 1024**2) if max_shard_mb > 0 else 1 << 62
     count = 0
-    with wds.ShardWriter(pattern, maxcount=samples_per_shard, maxsize=max_size, verbose=0, encoder=False, mtime=0) as sink:
+    with wds.ShardWriter(
+        pattern, maxcount=samples_per_shard, maxsize=max_size, verbose=0, encoder=False, mtime=0
+    ) as sink:
         for sample in samples:
             sink.write(sample)
             count += 1
@@ -107,16 +113,22 @@ def write_shards(samples: Iterator[dict[str, Any]], out: str, samples_per_shard:
         os.remove(pattern % 0)  # the writer opens its first shard up front
         shards = 0
     last = max(shards - 1, 0)
-    return {"shards": shards, "samples": count,
-            "urls": f"{os.path.abspath(out)}-{{{0:06d}..{last:06d}}}.tar" if shards > 1 else pattern % 0}  # fmt: skip
+    return {
+        "shards": shards,
+        "samples": count,
+        "urls": f"{os.path.abspath(out)}-{{{0:06d}..{last:06d}}}.tar" if shards > 1 else pattern % 0,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["llava", "captions"], help="input layout")
     parser.add_argument("--json", help="llava: the JSON list of records")
-    parser.add_argument("--images", required=True, help="llava: folder the 'image' paths are relative to; "
-                        "captions: folder of images with .txt captions")  # fmt: skip
+    parser.add_argument(
+        "--images",
+        required=True,
+        help="llava: folder the 'image' paths are relative to; captions: folder of images with .txt captions",
+    )
     parser.add_argument("--out", required=True, help="shard path prefix: writes PREFIX-000000.tar, ...")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--max-shard-mb", type=float, default=0, help="also close a shard at this size (0: no limit)")

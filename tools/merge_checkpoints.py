@@ -11,6 +11,7 @@ and dtypes. Tensors are averaged in float64 and stored in their own dtype (or --
 model.safetensors, the first input's config.yaml and tokenizer/, and merge.json saying what went in; it has no
 optimizer state, so it serves generation, evaluation, export and initialisation, not resumption. Prints JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,14 @@ except ModuleNotFoundError:  # run as a script: tools/ is on the path, the repos
     from convert_hf import resolve_checkpoint
 
 # Model settings that change how a model runs, not what its weights mean.
-RUNTIME_KEYS = ("attn_backend", "activation_checkpointing", "compile", "init_from_hf", "init_llm_from_hf",
-                "init_vision_from_hf")  # fmt: skip
+RUNTIME_KEYS = (
+    "attn_backend",
+    "activation_checkpointing",
+    "compile",
+    "init_from_hf",
+    "init_llm_from_hf",
+    "init_vision_from_hf",
+)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -83,13 +90,15 @@ def check_same_model(checkpoints: list[Path]) -> None:
             theirs = set(f.keys())
             if theirs != names:
                 missing, extra = sorted(names - theirs), sorted(theirs - names)
-                raise CheckpointMismatch(f"{other} has other tensors than {first}: missing {missing[:5]}, "
-                                         f"extra {extra[:5]}")  # fmt: skip
+                raise CheckpointMismatch(
+                    f"{other} has other tensors than {first}: missing {missing[:5]}, extra {extra[:5]}"
+                )
             for name in sorted(names):
                 found = (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype())
                 if found != shapes[name]:
-                    raise CheckpointMismatch(f"tensor {name}: {first} has shape/dtype {shapes[name]}, "
-                                             f"{other} has {found}")  # fmt: skip
+                    raise CheckpointMismatch(
+                        f"tensor {name}: {first} has shape/dtype {shapes[name]}, {other} has {found}"
+                    )
 
 
 def _check_same_tokenizer(first: Path, other: Path) -> None:
@@ -141,8 +150,14 @@ def merge_state(checkpoints: list[Path], weights: list[float], dtype: torch.dtyp
     return merged
 
 
-def merge(inputs: list[str], out: str, weights: list[float] | None = None, normalize: bool = True,
-          dtype: str = "auto", force: bool = False) -> dict[str, Any]:  # fmt: skip
+def merge(
+    inputs: list[str],
+    out: str,
+    weights: list[float] | None = None,
+    normalize: bool = True,
+    dtype: str = "auto",
+    force: bool = False,
+) -> dict[str, Any]:
     """Write the weighted average of `inputs` to the checkpoint folder `out`; returns a summary."""
     if len(inputs) < 2:
         raise ValueError(f"give at least two checkpoints to merge, got {len(inputs)}")
@@ -165,9 +180,14 @@ def merge(inputs: list[str], out: str, weights: list[float] | None = None, norma
     shutil.copy2(checkpoints[0] / "config.yaml", tmp / "config.yaml")
     if (checkpoints[0] / "tokenizer").is_dir():
         shutil.copytree(checkpoints[0] / "tokenizer", tmp / "tokenizer")
-    summary = {"output": str(target), "checkpoints": [str(c) for c in checkpoints], "weights": resolved,
-               "normalized": normalize or weights is None, "tensors": len(state),
-               "parameters": sum(t.numel() for t in state.values())}  # fmt: skip
+    summary = {
+        "output": str(target),
+        "checkpoints": [str(c) for c in checkpoints],
+        "weights": resolved,
+        "normalized": normalize or weights is None,
+        "tensors": len(state),
+        "parameters": sum(t.numel() for t in state.values()),
+    }
     (tmp / "merge.json").write_text(json.dumps(summary, indent=2))
     if target.exists():
         shutil.rmtree(target)

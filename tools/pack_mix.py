@@ -7,6 +7,7 @@ and its chat template (about 5 tokens of framing per turn, 2 per image). The sha
   ~90 tokens with a long tail;
 - text-only (15%): long documents or text SFT, median ~1800 tokens; a few exceed an 8k budget and are dropped.
 """
+
 from __future__ import annotations
 
 import json

@@ -8,6 +8,7 @@ A lengths file holds one JSON object per sample: {"llm_tokens": int, "vit_patche
 (default: 1 if it has patches). Shards are decoded and encoded as in training (tiny tokenizer unless --tokenizer),
 and only their sizes go through the packer, so a large buffer needs no pixel memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -151,7 +152,7 @@ def shard_items(args: argparse.Namespace, budget: Budget) -> Iterator[tuple[Item
     checker = Packer(cfg, special=encoder.special)
     urls = [url for pattern in args.shards for url in expand_urls(pattern)]
     samples = iter_samples(urls, "shards", data.image.max_decode_pixels, args.format)
-    for count in range(args.max_samples or sys.maxsize):
+    for _ in range(args.max_samples or sys.maxsize):
         start = time.perf_counter()
         sample = next(samples, None)
         if sample is None:
@@ -186,8 +187,10 @@ def plot(stats: PackStats, path: str) -> None:
         axis.set_ylabel("packs")
         axis.set_yscale("log")
     summary = stats.summary()
-    figure.suptitle(f"{summary['packs']} packs, buffer {stats.buffer}: efficiency {summary['efficiency']:.4f}, "
-                    f"ViT {summary['vit_efficiency']:.3f}")  # fmt: skip
+    figure.suptitle(
+        f"{summary['packs']} packs, buffer {stats.buffer}: efficiency {summary['efficiency']:.4f}, "
+        f"ViT {summary['vit_efficiency']:.3f}"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

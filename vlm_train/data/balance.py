@@ -1,4 +1,5 @@
 """Share a step's packs among data-parallel ranks so that attention cost (sum of length squared) is even."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,8 +22,10 @@ def balance(costs: Sequence[float], world_size: int) -> list[list[int]]:
     if world_size <= 0:
         raise ValueError(f"world_size must be positive, got {world_size}")
     if len(costs) % world_size:
-        raise ValueError(f"{len(costs)} packs cannot be shared evenly among {world_size} ranks: "
-                         "make packs per step a multiple of the world size")  # fmt: skip
+        raise ValueError(
+            f"{len(costs)} packs cannot be shared evenly among {world_size} ranks: "
+            "make packs per step a multiple of the world size"
+        )
     per_rank = len(costs) // world_size
     loads = [0.0] * world_size
     shares: list[list[int]] = [[] for _ in range(world_size)]

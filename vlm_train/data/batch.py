@@ -1,4 +1,5 @@
 """PackedBatch: the contract between the data pipeline and the model (see shared/DESIGN.md)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields

@@ -1,4 +1,5 @@
 """Data configuration (Hydra structured configs); a user's data config needs only its `sources`."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -41,8 +42,13 @@ class ImageConfig:
         if len(self.scale_range) != 2:
             raise ValueError(f"data.image.scale_range must be [min, max], got {list(self.scale_range)}")
         drop = self.token_drop
-        return ImageSampling(float(self.scale_range[0]), float(self.scale_range[1]), drop.prob, drop.rate_min,
-                             drop.rate_max if drop.prob > 0 else 0.0)  # fmt: skip
+        return ImageSampling(
+            float(self.scale_range[0]),
+            float(self.scale_range[1]),
+            drop.prob,
+            drop.rate_min,
+            drop.rate_max if drop.prob > 0 else 0.0,
+        )
 
 
 @dataclass

@@ -1,4 +1,5 @@
 """Safe decoding of shard members: images checked from the header before a full decode; never pickle."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """Encode a Sample: chat template, tokens, labels shifted within the sample, M-RoPE positions, image patches."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -58,7 +59,9 @@ class _Builder:
         self.positions.append(np.broadcast_to(np.arange(self.next_position, self.next_position + n), (3, n)))
         self.next_position += n
 
-    def image(self, image_pad_id: int, grid_thw: tuple[int, int, int], merge_size: int, keep: np.ndarray | None) -> None:
+    def image(
+        self, image_pad_id: int, grid_thw: tuple[int, int, int], merge_size: int, keep: np.ndarray | None
+    ) -> None:
         # Qwen2-VL rope index: an image's tokens take (t, row, column) positions offset by the text before it.
         t, h, w = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
         grid = np.stack(
@@ -102,8 +105,13 @@ class Encoder:
     Loss falls on assistant turns (with their <|im_end|>) and on plain-text documents (with <|endoftext|>).
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, spec: PatchSpec, sampling: ImageSampling | None = None,
-                 system_prompt: str = ""):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        spec: PatchSpec,
+        sampling: ImageSampling | None = None,
+        system_prompt: str = "",
+    ):
         self.tokenizer = tokenizer
         self.spec = spec
         self.sampling = sampling or ImageSampling()
@@ -129,7 +137,9 @@ class Encoder:
         keep = kept_windows(windows, rate, rng) if rate > 0 else np.arange(windows)
         return pixel_values, grid, keep
 
-    def encode(self, sample: Sample, for_generation: bool = False, rng: np.random.Generator | None = None) -> EncodedSample:
+    def encode(
+        self, sample: Sample, for_generation: bool = False, rng: np.random.Generator | None = None
+    ) -> EncodedSample:
         """Encode a sample; with `for_generation` the last assistant turn is left for the model to write.
         `rng` draws the per-image resolution scale and token drop (none without it)."""
         turns = sample.turns[:-1] if for_generation else sample.turns

@@ -7,6 +7,7 @@ Formats (a source names one, or `auto` detects it from the members):
 - grounding: `key.json` with "phrase" and "box" or "point" (or lists of them), in "pixels" or "normalized";
 - text: `key.json` with "text", or `key.txt` alone when the source says format: text.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,14 @@ IMAGE_PLACEHOLDER = "<image>"
 CAPTION_PROMPT = "Describe the image."
 GROUNDING_PROMPT = "Where is the {phrase}?"
 POINT_PROMPT = "Point to the {phrase}."
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
-         "system": "system"}  # fmt: skip
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
 
 _NUMBERED_IMAGE = re.compile(r"^(\d+)\.(" + "|".join(IMAGE_EXTENSIONS) + ")$")
 _BOX_TAG = re.compile(r"<box>\s*\[([^\]]*)\]\s*</box>")
@@ -98,8 +105,9 @@ def _decode_images(raw: dict[str, Any], max_pixels: int) -> list[Image.Image]:
 def _one_image(raw: dict[str, Any], max_pixels: int) -> Image.Image:
     members = image_members(raw)
     if len(members) != 1:
-        raise SkipSample("missing_image" if not members else "image_count_mismatch",
-                         f"expected one image, members {_members(raw)}")  # fmt: skip
+        raise SkipSample(
+            "missing_image" if not members else "image_count_mismatch", f"expected one image, members {_members(raw)}"
+        )
     return decode_image(members[0], max_pixels)
 
 
@@ -182,7 +190,9 @@ def _conversation(key: str, source: str, raw: dict[str, Any], record: dict, max_
         turns.append(Turn(role, text))
     placeholders = sum(t.text.count(IMAGE_PLACEHOLDER) for t in turns)
     if placeholders != len(members):
-        raise SkipSample("image_count_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders, {len(members)} images")
+        raise SkipSample(
+            "image_count_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders, {len(members)} images"
+        )
     if not any(t.role == "assistant" for t in turns):
         raise SkipSample("bad_conversation", "no assistant turn to learn from")
     if any(t.role != "user" and IMAGE_PLACEHOLDER in t.text for t in turns):

@@ -3,6 +3,7 @@
 Relative coordinates survive any resize of the image, and a fixed width of three digits
 makes every number exactly three digit tokens, so the model never has to guess a length.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,9 @@ _PAIR = r"\(\s*" + _NUM + r"\s*,\s*" + _NUM + r"\s*\)"
 _BOX_RE = re.compile(_PAIR + r"\s*,\s*" + _PAIR)
 
 
-def to_relative(box: Sequence[float], width: float, height: float, box_format: str) -> tuple[float, float, float, float]:
+def to_relative(
+    box: Sequence[float], width: float, height: float, box_format: str
+) -> tuple[float, float, float, float]:
     """Box [x1, y1, x2, y2] in `box_format` ("pixels" or "normalized") -> relative floats in [0, 1]."""
     if box_format not in BOX_FORMATS:
         raise ValueError(f"unknown box_format {box_format!r}; expected one of {BOX_FORMATS}")

@@ -3,6 +3,7 @@
 Patches leave the loader as raw uint8 pixels of one frame; the model normalises them and repeats the frame
 over the temporal patch on its device (see `normalise_patches` for the float values it computes).
 """
+
 from __future__ import annotations
 
 import math
@@ -78,7 +79,11 @@ class ImageSampling:
         return self.drop_prob > 0 and self.drop_rate_max > 0
 
     def scale(self, rng: np.random.Generator | None) -> float:
-        return 1.0 if rng is None or self.scale_min == self.scale_max == 1.0 else float(rng.uniform(self.scale_min, self.scale_max))
+        return (
+            1.0
+            if rng is None or self.scale_min == self.scale_max == 1.0
+            else float(rng.uniform(self.scale_min, self.scale_max))
+        )
 
     def drop_rate(self, rng: np.random.Generator | None) -> float:
         if rng is None or not self.drops or rng.random() >= self.drop_prob:

@@ -6,6 +6,7 @@ knows the state of every worker as of the last pack it handed out. The stream ne
 its share of an epoch goes on into the next, so every rank yields the same number of packs per step, and no
 rank waits on another at an epoch end, whatever the shard sizes.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -27,8 +28,15 @@ from vlm_train.data.shards import ShardError, iter_shard
 from vlm_train.data.sources import Source, expand_urls
 from vlm_train.data.stream import SlotStream
 
-__all__ = ["PackedLoader", "PackedStream", "Source", "build_loader", "expand_urls", "iter_samples",
-           "pack_for_generation"]  # fmt: skip
+__all__ = [
+    "PackedLoader",
+    "PackedStream",
+    "Source",
+    "build_loader",
+    "expand_urls",
+    "iter_samples",
+    "pack_for_generation",
+]
 
 log = logging.getLogger(__name__)
 LOADER_STATE_VERSION = 1
@@ -155,8 +163,13 @@ class PackedLoader:
 
     def _dataloader(self) -> DataLoader:
         # Workers answer strictly in turn (in_order), starting from the worker whose turn is next.
-        return DataLoader(self._prepared_stream(), batch_size=None, num_workers=self.num_workers,
-                          prefetch_factor=self.prefetch_factor, in_order=True)  # fmt: skip
+        return DataLoader(
+            self._prepared_stream(),
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor,
+            in_order=True,
+        )
 
     def close(self) -> None:
         """Stop the worker processes (they restart from the saved state on the next pack)."""

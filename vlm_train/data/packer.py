@@ -1,4 +1,5 @@
 """Sequence packer: encoded samples into packs under an LLM-token, a ViT-patch and an image budget, then collated."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -106,8 +107,10 @@ class Packer:
             try:
                 items.append(_item(self.check(resolve(key))))
             except SkipSample as exc:
-                raise ValueError(f"packer state: buffered sample {key} no longer fits the pack budgets ({exc}); "
-                                 "resume with the data.pack settings it was saved with") from exc  # fmt: skip
+                raise ValueError(
+                    f"packer state: buffered sample {key} no longer fits the pack budgets ({exc}); "
+                    "resume with the data.pack settings it was saved with"
+                ) from exc
         self.packer.restore(items, int(state["seen_tokens"]), int(state["seen_patches"]))
         self.counts = Counter(state.get("counts", {}))
 

@@ -1,4 +1,5 @@
 """Streaming two-budget packing on sizes alone: the algorithm shared by the Packer and tools/pack_stats.py."""
+
 from __future__ import annotations
 
 import bisect
@@ -140,8 +141,10 @@ class StreamPacker:
             raise ValueError(f"an item needs at least one token and no negative size, got {item}")
         over = self.budget.overflow(item.tokens, item.patches, item.images)
         if over:
-            raise ValueError(f"item of {item.tokens} tokens, {item.patches} patches, {item.images} images "
-                             f"is over the {over} budget of {self.budget}")  # fmt: skip
+            raise ValueError(
+                f"item of {item.tokens} tokens, {item.patches} patches, {item.images} images "
+                f"is over the {over} budget of {self.budget}"
+            )
         item.seq = self._next_seq
         self._next_seq += 1
         self._insert(item)

@@ -4,6 +4,7 @@ The units of an epoch (shards, or slices of shards when there are fewer shards t
 seed and the epoch, then dealt out by stride: slot s of S takes units s, s+S, s+2S, ... of the permutation. Every
 unit goes to exactly one slot, slots differ by at most one unit, and no slot needs to know what the others read.
 """
+
 from __future__ import annotations
 
 import functools

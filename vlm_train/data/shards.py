@@ -4,6 +4,7 @@ Samples are grouped the webdataset way (members `key.ext` sharing a key, in a ro
 resumed and re-read by seeking to a sample's offset; anything else (remote URLs, compressed tars) by reading the
 shard again up to the sample's index, so restoring never costs more than re-reading the shards involved.
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Data sources: shard lists, and one source's samples for one reader slot with a resumable cursor."""
+
 from __future__ import annotations
 
 import logging
@@ -49,8 +50,9 @@ class SourceReader:
     samples all come out before the next epoch's.
     """
 
-    def __init__(self, source: Source, slot: int, slots: int, seed: int, buffer_size: int,
-                 on_skip: Callable[[str, str], None]):  # fmt: skip
+    def __init__(
+        self, source: Source, slot: int, slots: int, seed: int, buffer_size: int, on_skip: Callable[[str, str], None]
+    ):
         self.source = source
         self.slot, self.slots, self.seed = slot, slots, seed
         self.buffer_size = max(buffer_size, 1)
@@ -60,7 +62,9 @@ class SourceReader:
 
     def _start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.units: list[Unit] = slot_units(len(self.source.urls), self.slot, self.slots, self.seed, self.source.name, epoch)
+        self.units: list[Unit] = slot_units(
+            len(self.source.urls), self.slot, self.slots, self.seed, self.source.name, epoch
+        )
         self.unit = 0
         self.index, self.offset = 0, None
         self.read_in_epoch = 0  # raw samples read from this slot's shards, any slice: tells unreadable from small

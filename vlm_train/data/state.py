@@ -1,4 +1,5 @@
 """JSON-able randomness and sample identity: stable seeds from names, generator states, restore keys."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,12 @@ def rng_state(rng: np.random.Generator) -> dict[str, Any]:
     """The generator's state with its 128-bit integers as strings, so any JSON reader keeps them exact."""
     state = rng.bit_generator.state
     inner = {k: str(v) for k, v in state["state"].items()}
-    return {"bit_generator": state["bit_generator"], "state": inner,
-            "has_uint32": int(state["has_uint32"]), "uinteger": int(state["uinteger"])}  # fmt: skip
+    return {
+        "bit_generator": state["bit_generator"],
+        "state": inner,
+        "has_uint32": int(state["has_uint32"]),
+        "uinteger": int(state["uinteger"]),
+    }
 
 
 def rng_from_state(state: dict[str, Any]) -> np.random.Generator:
@@ -44,8 +49,14 @@ def rng_from_state(state: dict[str, Any]) -> np.random.Generator:
 
 def restore_key(source: str, epoch: int, raw: dict[str, Any]) -> dict[str, Any]:
     """Where a raw sample lives: enough to read it again (by byte offset, or by index in its shard)."""
-    return {"source": source, "epoch": epoch, "url": raw["__url__"], "index": raw["__index__"],
-            "offset": raw.get("__offset__"), "key": raw["__key__"]}  # fmt: skip
+    return {
+        "source": source,
+        "epoch": epoch,
+        "url": raw["__url__"],
+        "index": raw["__index__"],
+        "offset": raw.get("__offset__"),
+        "key": raw["__key__"],
+    }
 
 
 def is_restore_key(value: Any) -> bool:

@@ -5,6 +5,7 @@ generator states. Restoring re-reads only the buffered samples (by byte offset w
 cursors were in, then re-encodes them; per-sample randomness comes from the sample's restore key, so the packs
 that follow are the same as in an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,8 +35,16 @@ def _ref(key: dict[str, Any]) -> tuple[str, int]:
 class SlotStream:
     """Endless packs of one reader slot, with `state_dict()` / `load_state_dict()`."""
 
-    def __init__(self, sources: list[Source], encoder: Encoder, cfg: DataConfig, seed: int, slot: int, slots: int,
-                 weights: list[float] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        sources: list[Source],
+        encoder: Encoder,
+        cfg: DataConfig,
+        seed: int,
+        slot: int,
+        slots: int,
+        weights: list[float] | None = None,
+    ):
         self.sources = sources
         self.encoder = encoder
         self.cfg = cfg
@@ -81,8 +90,13 @@ class SlotStream:
         except Exception as exc:  # a bad sample must never stop the run: count it, and give up only on a long run
             reason = exc.reason if isinstance(exc, SkipSample) else "unexpected_error"
             if not isinstance(exc, SkipSample):
-                log.warning("source %s: unexpected error on %s of %s", source.name, raw.get("__key__"),
-                            raw.get("__url__"), exc_info=True)  # fmt: skip
+                log.warning(
+                    "source %s: unexpected error on %s of %s",
+                    source.name,
+                    raw.get("__key__"),
+                    raw.get("__url__"),
+                    exc_info=True,
+                )
             self._count(source.name, reason)
             self.failures += 1
             if self.failures > self.cfg.max_consecutive_failures:
@@ -125,12 +139,15 @@ class SlotStream:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
         if (state["slot"], state["slots"]) != (self.slot, self.slots):
-            raise ValueError(f"loader state is for reader slot {state['slot']} of {state['slots']}, "
-                             f"not {self.slot} of {self.slots}")  # fmt: skip
+            raise ValueError(
+                f"loader state is for reader slot {state['slot']} of {state['slots']}, not {self.slot} of {self.slots}"
+            )
         names = [s.name for s in self.sources]
         if sorted(state["readers"]) != sorted(names):
-            raise ValueError(f"loader state has sources {sorted(state['readers'])} but the config has {sorted(names)}: "
-                             "resume with the same data.sources")  # fmt: skip
+            raise ValueError(
+                f"loader state has sources {sorted(state['readers'])} but the config has {sorted(names)}: "
+                "resume with the same data.sources"
+            )
         reader_keys = [k for r in self.readers for k in state["readers"][r.source.name]["buffer"]]
         other_keys = find_restore_keys(state["packer"]) + [k for pack in state["pending"] for k in pack]
         raws = dict(zip(map(_ref, reader_keys + other_keys), fetch_samples(reader_keys + other_keys)))
@@ -143,8 +160,10 @@ class SlotStream:
             try:
                 return self._encode(by_name[key["source"]], {**raws[_ref(key)], "__restore__": key})
             except SkipSample as exc:
-                raise ValueError(f"loader state: buffered sample {key} no longer encodes ({exc}); "
-                                 "did the data or the data config change?") from exc  # fmt: skip
+                raise ValueError(
+                    f"loader state: buffered sample {key} no longer encodes ({exc}); "
+                    "did the data or the data config change?"
+                ) from exc
 
         self.packer = Packer(self.cfg.pack, special=self.encoder.special)
         self.packer.load_state_dict(state["packer"], resolve)

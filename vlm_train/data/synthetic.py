@@ -3,6 +3,7 @@
 It is written as real webdataset tar shards once, into a cache folder keyed by a hash of the
 config, so `vlm-train` with no arguments exercises the same loader path as real data.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # a tiny ViT trained from scratch for minutes tells circle from square, or diamond from triangle, poorly.
 SHAPES: tuple[str, ...] = ("square", "triangle", "ring", "cross")
 BACKGROUND_MEAN = (123, 117, 104)  # 255 x the CLIP image mean
-
 
 
 @dataclass
@@ -136,7 +136,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: int, y: int, side: int
 
 
 def phrase(obj: dict[str, Any]) -> str:
-    """"red ring" for an object dict."""
+    """ "red ring" for an object dict."""
     return f"{obj['colour']} {obj['shape']}"
 
 
@@ -180,7 +180,8 @@ def dataset_dir(cfg: Any) -> str:
 def _check_config(cfg: Any) -> None:
     if cfg.min_side < MIN_SLOT_PX or cfg.min_side > cfg.max_side:
         raise ValueError(
-            f"synthetic: need {MIN_SLOT_PX} <= min_side <= max_side, got min_side={cfg.min_side}, max_side={cfg.max_side}"
+            f"synthetic: need {MIN_SLOT_PX} <= min_side <= max_side, "
+            f"got min_side={cfg.min_side}, max_side={cfg.max_side}"
         )
     if not 1 <= cfg.max_objects <= len(COLOURS) * len(SHAPES):
         raise ValueError(f"synthetic: max_objects must be in 1..{len(COLOURS) * len(SHAPES)}, got {cfg.max_objects}")
@@ -208,8 +209,12 @@ def _write_split(folder: str, split: str, num_images: int, cfg: Any) -> None:
             for writer in writers.values():
                 writer.close()
             # fixed mtime: byte-identical shards per seed
-            writers = {name: wds.TarWriter(os.path.join(folder, f"{name}-{index // cfg.images_per_shard:06d}.tar"),
-                                           encoder=False, mtime=0) for name in set(names.values())}
+            writers = {
+                name: wds.TarWriter(
+                    os.path.join(folder, f"{name}-{index // cfg.images_per_shard:06d}.tar"), encoder=False, mtime=0
+                )
+                for name in set(names.values())
+            }
         image, objects = render_scene(rng, cfg)
         buf = io.BytesIO()
         image.save(buf, format="PNG")
@@ -229,22 +234,32 @@ def ensure_synthetic_shards(cfg: Any) -> SyntheticShards:
     final = dataset_dir(cfg)
     if not os.path.exists(os.path.join(final, MARKER)):
         _generate(cfg, final)
-    return SyntheticShards(dir=final, caption_urls=_shard_urls(final, "train-caption"),
-                           grounding_urls=_shard_urls(final, "train-grounding"), heldout_urls=_shard_urls(final, "heldout"))
+    return SyntheticShards(
+        dir=final,
+        caption_urls=_shard_urls(final, "train-caption"),
+        grounding_urls=_shard_urls(final, "train-grounding"),
+        heldout_urls=_shard_urls(final, "heldout"),
+    )
 
 
 def _generate(cfg: Any, final: str) -> None:
     root = os.path.dirname(final)
     os.makedirs(root, exist_ok=True)
-    log.info("generating synthetic dataset (%d train + %d held-out images) in %s",
-             cfg.num_train_images, cfg.num_heldout_images, final)
+    log.info(
+        "generating synthetic dataset (%d train + %d held-out images) in %s",
+        cfg.num_train_images,
+        cfg.num_heldout_images,
+        final,
+    )
     start = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix=os.path.basename(final) + ".tmp-", dir=root)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared between users
     try:
         _write_split(tmp, "train", cfg.num_train_images, cfg)
         _write_split(tmp, "heldout", cfg.num_heldout_images, cfg)
-        info = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(SyntheticConfig) if f.name not in _NOT_IN_CACHE_KEY}
+        info = {
+            f.name: getattr(cfg, f.name) for f in dataclasses.fields(SyntheticConfig) if f.name not in _NOT_IN_CACHE_KEY
+        }
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump({"format_version": FORMAT_VERSION, "config": info}, f, indent=2)
         if os.path.isdir(final) and not os.path.exists(os.path.join(final, MARKER)):

@@ -1,4 +1,5 @@
 """Tokenizers: the built-in tiny byte-level BPE, or any Hugging Face tokenizer from a local folder."""
+
 from __future__ import annotations
 
 import logging
@@ -75,8 +76,12 @@ def load_tokenizer(spec: str, corpus: list[str] | None = None) -> PreTrainedToke
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     added = add_missing_special_tokens(tokenizer)
     if added:
-        log.warning("tokenizer %s lacked %s: added them as new special tokens (the model's vocabulary grows to %d)",
-                    path, added, len(tokenizer))  # fmt: skip
+        log.warning(
+            "tokenizer %s lacked %s: added them as new special tokens (the model's vocabulary grows to %d)",
+            path,
+            added,
+            len(tokenizer),
+        )
     return tokenizer
 
 

@@ -1,4 +1,5 @@
 """Cut an encoded sample to the pack budgets: text at the end goes, an image goes whole or not at all."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,10 @@ def patches_per_image(sample: EncodedSample, image_token_id: int) -> list[int]:
     runs = image_runs(sample.input_ids, image_token_id)
     tokens = sum(end - start for start, end in runs)
     if len(runs) != len(full) or not tokens or sample.num_patches % tokens:
-        raise ValueError(f"sample {sample.meta.get('key')}: {len(runs)} image-pad runs ({tokens} tokens) do not "
-                         f"match {len(full)} images of {sample.num_patches} patches")  # fmt: skip
+        raise ValueError(
+            f"sample {sample.meta.get('key')}: {len(runs)} image-pad runs ({tokens} tokens) do not "
+            f"match {len(full)} images of {sample.num_patches} patches"
+        )
     return [(end - start) * (sample.num_patches // tokens) for start, end in runs]
 
 
@@ -36,8 +39,9 @@ def image_spans(sample: EncodedSample, special: SpecialIds) -> list[tuple[int, i
     ids = sample.input_ids
     runs = image_runs(ids, special.image_pad)
     if len(runs) != sample.image_grid_thw.shape[0]:
-        raise ValueError(f"sample {sample.meta.get('key')}: {len(runs)} image-pad runs but "
-                         f"{sample.image_grid_thw.shape[0]} images")  # fmt: skip
+        raise ValueError(
+            f"sample {sample.meta.get('key')}: {len(runs)} image-pad runs but {sample.image_grid_thw.shape[0]} images"
+        )
     spans = []
     for start, end in runs:
         start -= int(start > 0 and ids[start - 1] == special.vision_start)

@@ -1,4 +1,5 @@
 """The model: NaViT vision tower -> patch merger -> decoder LM, all over packed varlen sequences."""
+
 from .attention import ATTENTION_BACKENDS, resolve_backend, varlen_attention
 from .config import LLMConfig, ModelConfig, VisionConfig
 from .flops import PackFlops, pack_flops
@@ -9,12 +10,12 @@ from .vlm import VLM, VLMOutput
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "VLM",
     "DecoderLM",
     "LLMConfig",
     "ModelConfig",
     "PackFlops",
     "PatchMerger",
-    "VLM",
     "VLMOutput",
     "VisionConfig",
     "VisionTransformer",

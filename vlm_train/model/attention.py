@@ -3,11 +3,12 @@
 All backends take the same flat layout as flash-attn's varlen API:
 q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [S+1] with segment i = rows cu_seqlens[i]:cu_seqlens[i+1].
 """
+
 from __future__ import annotations
 
 import functools
 import itertools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_MIN_CAPABILITY = (8, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash_attn_varlen_func() -> Callable | None:
     """The flash-attn package's varlen function, or None when the package is missing or broken."""
     try:
@@ -29,7 +30,7 @@ def _flash_attn_varlen_func() -> Callable | None:
     return flash_attn_varlen_func
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_varlen_attn() -> Callable | None:
     """`torch.nn.attention.varlen.varlen_attn`, or None on torch builds that lack it."""
     try:
@@ -39,7 +40,7 @@ def _torch_varlen_attn() -> Callable | None:
     return varlen_attn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_problem(device: torch.device) -> str | None:
     """Why a flash kernel cannot run on `device`, or None if it can."""
     if device.type != "cuda":
@@ -139,7 +140,13 @@ def varlen_attention(
             q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p=0.0, causal=causal
         )
     return _torch_varlen_attn()(
-        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+        q,
+        k,
+        v,
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
         window_size=(-1, 0) if causal else (-1, -1),  # (-1, 0) is how varlen_attn spells "causal"
         enable_gqa=q.shape[1] != k.shape[1],
     )

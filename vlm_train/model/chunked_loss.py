@@ -4,6 +4,7 @@ Only supervised tokens get logits, `chunk_size` rows at once, and each chunk's l
 (activation checkpointing per chunk), so neither the forward nor the saved state ever holds [T, vocab] logits:
 memory scales with chunk_size x vocab.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

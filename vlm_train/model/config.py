@@ -1,4 +1,5 @@
 """Model configs: plain dataclasses so Hydra can register them as structured configs."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -48,19 +49,35 @@ class VisionConfig:
 
     def validate(self) -> None:
         """Raise ValueError if the shapes do not fit together."""
-        _positive(self, "vision", ("patch_size", "temporal_patch_size", "in_channels", "hidden_size", "depth",
-                                   "num_heads", "intermediate_size", "spatial_merge_size"))
+        _positive(
+            self,
+            "vision",
+            (
+                "patch_size",
+                "temporal_patch_size",
+                "in_channels",
+                "hidden_size",
+                "depth",
+                "num_heads",
+                "intermediate_size",
+                "spatial_merge_size",
+            ),
+        )
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"vision.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"vision.num_heads ({self.num_heads})")
+            raise ValueError(
+                f"vision.hidden_size ({self.hidden_size}) must be divisible by vision.num_heads ({self.num_heads})"
+            )
         if self.head_dim % 4:
             # head_dim/2 rotary dims per axis (h, w), each rotated in pairs.
-            raise ValueError(f"vision head_dim (hidden_size/num_heads = {self.head_dim}) must be divisible by 4 "
-                             "for the 2D rotary")
+            raise ValueError(
+                f"vision head_dim (hidden_size/num_heads = {self.head_dim}) must be divisible by 4 for the 2D rotary"
+            )
         unit_px = self.patch_size * self.spatial_merge_size
         if self.window_size < 0 or self.window_size % unit_px:
-            raise ValueError(f"vision.window_size ({self.window_size}) must be 0 (off) or a positive multiple of "
-                             f"patch_size * spatial_merge_size = {unit_px} pixels")
+            raise ValueError(
+                f"vision.window_size ({self.window_size}) must be 0 (off) or a positive multiple of "
+                f"patch_size * spatial_merge_size = {unit_px} pixels"
+            )
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"vision.fullatt_block_indexes {bad} are not blocks of a depth-{self.depth} tower")
@@ -108,11 +125,14 @@ class LLMConfig:
         if self.head_dim < 0:
             raise ValueError(f"llm.head_dim must be >= 0 (0 = hidden_size // num_heads), got {self.head_dim}")
         if not self.head_dim and self.hidden_size % self.num_heads:
-            raise ValueError(f"llm.hidden_size ({self.hidden_size}) must be divisible by "
-                             f"llm.num_heads ({self.num_heads}), or set llm.head_dim")
+            raise ValueError(
+                f"llm.hidden_size ({self.hidden_size}) must be divisible by "
+                f"llm.num_heads ({self.num_heads}), or set llm.head_dim"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"llm.num_heads ({self.num_heads}) must be a multiple of "
-                             f"llm.num_kv_heads ({self.num_kv_heads})")
+            raise ValueError(
+                f"llm.num_heads ({self.num_heads}) must be a multiple of llm.num_kv_heads ({self.num_kv_heads})"
+            )
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"llm.rope_type {self.rope_type!r} is not one of {', '.join(ROPE_TYPES)}")
         missing = sorted(set(ROPE_TYPES[self.rope_type]) - set(self.rope_scaling))
@@ -122,8 +142,10 @@ class LLMConfig:
         if head_dim % 2:
             raise ValueError(f"llm head_dim ({head_dim}) must be even for rotary embeddings")
         if len(self.mrope_section) != 3 or sum(self.mrope_section) != head_dim // 2:
-            raise ValueError(f"llm.mrope_section ({list(self.mrope_section)}) must be 3 numbers (t, h, w) summing to "
-                             f"head_dim/2 = {head_dim // 2}")
+            raise ValueError(
+                f"llm.mrope_section ({list(self.mrope_section)}) must be 3 numbers (t, h, w) summing to "
+                f"head_dim/2 = {head_dim // 2}"
+            )
         if not self.initializer_range > 0:
             raise ValueError(f"llm.initializer_range must be > 0, got {self.initializer_range}")
 
@@ -150,7 +172,7 @@ class ModelConfig:
             raise ValueError(f"attn_backend {self.attn_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
         """Build from a nested mapping (a plain dict or an OmegaConf DictConfig); unknown keys are an error."""
         data = dict(data)
         vision = _build(VisionConfig, data.pop("vision", {}), "vision")

@@ -7,6 +7,7 @@ Convention (the one torchtitan, Megatron's MFU and torch.utils.flop_counter use)
 - training (forward + backward) is 3x the forward: backward does two matmuls per forward matmul. Recomputation
   (activation checkpointing, the chunked loss) is not counted: this is model FLOPs, not hardware FLOPs.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ With the KV cache (the default) the prompts are prefilled once as a varlen pack 
 the newest token of each unfinished prompt. Without it each step re-runs the LLM over the prompts and the tokens
 so far: slower, but the reference the cache is tested against.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable

@@ -7,6 +7,7 @@
 - `to_hf(model, path)`: our VLM -> a folder transformers loads as Qwen2_5_VLForConditionalGeneration.
 Equal logits to transformers' implementation are what tests/test_hf.py checks.
 """
+
 from __future__ import annotations
 
 import json
@@ -94,9 +95,14 @@ def load_vlm_from_hf(model: VLM, path: str | Path) -> None:
     """Initialise every weight of an existing VLM from a Qwen2.5-VL checkpoint of the same shape and settings."""
     hf_cfg = _vlm_hf_config(path)
     theirs = model_config_from_hf(hf_cfg)
-    problems = [] if hf_cfg.image_token_id == model.image_token_id else [
-        f"image_token_id: model has {model.image_token_id}, checkpoint has {hf_cfg.image_token_id} "
-        "(use the checkpoint's tokenizer: data.tokenizer=<the same folder>)"]
+    problems = (
+        []
+        if hf_cfg.image_token_id == model.image_token_id
+        else [
+            f"image_token_id: model has {model.image_token_id}, checkpoint has {hf_cfg.image_token_id} "
+            "(use the checkpoint's tokenizer: data.tokenizer=<the same folder>)"
+        ]
+    )
     problems += differences(model.cfg.llm, theirs.llm, LLM_SEMANTIC_FIELDS + ("mrope_section",), "llm")
     problems += differences(model.cfg.vision, theirs.vision, VISION_SEMANTIC_FIELDS, "vision")
     _raise_if_different(path, problems)
@@ -129,8 +135,13 @@ def to_hf(
     tokens = _special_tokens(tokenizer)
     config = hf_config_dict(model.cfg, model.image_token_id, tokens, str(dtype).removeprefix("torch."))
     vision = model.cfg.vision
-    patch_shape = (vision.hidden_size, vision.in_channels, vision.temporal_patch_size, vision.patch_size,
-                   vision.patch_size)
+    patch_shape = (
+        vision.hidden_size,
+        vision.in_channels,
+        vision.temporal_patch_size,
+        vision.patch_size,
+        vision.patch_size,
+    )
     state = hf_state_dict(model, vlm_to_hf_name, dtype, patch_shape)
     if not model.cfg.llm.qkv_bias:
         state.update(_zero_qkv_biases(model, dtype))  # Qwen2.5-VL always has q/k/v biases; zeros are exact
@@ -158,8 +169,9 @@ def _llm_config(hf_cfg: Any):
 def _vlm_hf_config(path: str | Path) -> Any:
     hf_cfg = read_hf_config(path)
     if hf_cfg.model_type not in VLM_TYPES:
-        raise UnsupportedCheckpoint(f"{path}: model_type {hf_cfg.model_type!r} has no vision tower; "
-                                    f"need {' or '.join(VLM_TYPES)}")
+        raise UnsupportedCheckpoint(
+            f"{path}: model_type {hf_cfg.model_type!r} has no vision tower; need {' or '.join(VLM_TYPES)}"
+        )
     return hf_cfg
 
 
@@ -169,8 +181,9 @@ def _is_vision_key(key: str) -> bool:
 
 def _raise_if_different(path: str | Path, problems: list[str]) -> None:
     if problems:
-        raise UnsupportedCheckpoint(f"checkpoint {path} was built with other settings than the model:\n  "
-                                    + "\n  ".join(problems))
+        raise UnsupportedCheckpoint(
+            f"checkpoint {path} was built with other settings than the model:\n  " + "\n  ".join(problems)
+        )
 
 
 def _special_tokens(tokenizer: Any) -> dict[str, int | None]:

@@ -4,6 +4,7 @@ Reading goes through `transformers.AutoConfig` (local folder only), so both the 
 config.json and transformers 5's nested one are understood. Writing uses the released flat layout, which
 transformers 4.x, 5.x and serving stacks all read.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,10 @@ def _rope(cfg: Any, where: str) -> tuple[float, list[int] | None, str, dict[str,
     rope_type = params.get("rope_type", params.get("type", "default"))
     rope_type = "default" if rope_type == "mrope" else rope_type
     if rope_type not in ROPE_TYPES:
-        raise UnsupportedCheckpoint(f"{where}: rope_type {rope_type!r} is not supported; supported: "
-                                    f"{', '.join(ROPE_TYPES)} (M-RoPE is default with an mrope_section)")
+        raise UnsupportedCheckpoint(
+            f"{where}: rope_type {rope_type!r} is not supported; supported: "
+            f"{', '.join(ROPE_TYPES)} (M-RoPE is default with an mrope_section)"
+        )
     scaling = {key: float(params[key]) for key in ROPE_TYPES[rope_type]}
     section = params.get("mrope_section")
     return float(params.get("rope_theta", 10000.0)), list(section) if section else None, rope_type, scaling
@@ -128,22 +131,42 @@ def model_config_from_hf(cfg: Any) -> ModelConfig:
         raise UnsupportedCheckpoint(f"a whole VLM needs a {' or '.join(VLM_TYPES)} checkpoint, got {cfg.model_type!r}")
     llm = llm_config_from_hf(cfg.text_config, tie_word_embeddings=cfg.tie_word_embeddings)
     if cfg.vision_config.out_hidden_size != llm.hidden_size:
-        raise UnsupportedCheckpoint(f"vision_config.out_hidden_size ({cfg.vision_config.out_hidden_size}) differs "
-                                    f"from the LLM hidden_size ({llm.hidden_size})")
+        raise UnsupportedCheckpoint(
+            f"vision_config.out_hidden_size ({cfg.vision_config.out_hidden_size}) differs "
+            f"from the LLM hidden_size ({llm.hidden_size})"
+        )
     return ModelConfig(vision=vision_config_from_hf(cfg.vision_config), llm=llm)
 
 
 def differences(ours: Any, theirs: Any, names: tuple[str, ...], where: str) -> list[str]:
     """'where.name: model has A, checkpoint has B' for every listed field that differs."""
-    return [f"{where}.{n}: model has {getattr(ours, n)!r}, checkpoint has {getattr(theirs, n)!r}"
-            for n in names if getattr(ours, n) != getattr(theirs, n)]
+    return [
+        f"{where}.{n}: model has {getattr(ours, n)!r}, checkpoint has {getattr(theirs, n)!r}"
+        for n in names
+        if getattr(ours, n) != getattr(theirs, n)
+    ]
 
 
 # Settings that change the function but not the weight shapes: loading must check them explicitly.
-LLM_SEMANTIC_FIELDS = ("rope_theta", "rope_type", "rope_scaling", "rms_norm_eps", "qk_norm", "qkv_bias",
-                       "tie_word_embeddings", "resolved_head_dim")
-VISION_SEMANTIC_FIELDS = ("rope_theta", "rms_norm_eps", "window_size", "fullatt_block_indexes", "patch_size",
-                          "temporal_patch_size", "spatial_merge_size")
+LLM_SEMANTIC_FIELDS = (
+    "rope_theta",
+    "rope_type",
+    "rope_scaling",
+    "rms_norm_eps",
+    "qk_norm",
+    "qkv_bias",
+    "tie_word_embeddings",
+    "resolved_head_dim",
+)
+VISION_SEMANTIC_FIELDS = (
+    "rope_theta",
+    "rms_norm_eps",
+    "window_size",
+    "fullatt_block_indexes",
+    "patch_size",
+    "temporal_patch_size",
+    "spatial_merge_size",
+)
 
 
 def hf_config_dict(cfg: ModelConfig, image_token_id: int, tokens: dict[str, int | None], dtype: str) -> dict:

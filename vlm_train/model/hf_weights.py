@@ -4,6 +4,7 @@ Our modules mirror HF's names, so the maps are prefix renames plus one reshape (
 is our Linear). Loading checks every name and shape before it touches the model: a mismatch is an error that
 lists what differs, never a partial load.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-
 
 # Released Qwen2.5-VL checkpoints (and transformers' own save_pretrained) use the first spelling;
 # transformers 5 modules use the second. Both are read; the first is written.
@@ -60,7 +60,7 @@ def canonical_hf_name(key: str) -> str:
     """The released-checkpoint spelling of an HF key (transformers 5 module names folded back)."""
     for new, old in _HF_ALIASES:
         if key.startswith(new):
-            return old + key[len(new):]
+            return old + key[len(new) :]
     return key
 
 
@@ -71,13 +71,13 @@ def vlm_to_hf_name(name: str) -> str:
     """Our VLM name -> Qwen2.5-VL name: vision.* -> visual.*, projector.* -> visual.merger.*, llm.lm_head.* ->
     lm_head.*, llm.* -> model.*."""
     if name.startswith("vision."):
-        return "visual." + name[len("vision."):]
+        return "visual." + name[len("vision.") :]
     if name.startswith("projector."):
-        return "visual.merger." + name[len("projector."):]
+        return "visual.merger." + name[len("projector.") :]
     if name.startswith("llm.lm_head."):
-        return name[len("llm."):]
+        return name[len("llm.") :]
     if name.startswith("llm."):
-        return "model." + name[len("llm."):]
+        return "model." + name[len("llm.") :]
     raise KeyError(f"no Hugging Face name for parameter {name!r}")
 
 
@@ -184,7 +184,9 @@ def _retie(module: nn.Module, tied: set[str]) -> None:
 
 
 def hf_state_dict(
-    module: nn.Module, to_hf: Callable[[str], str], dtype: torch.dtype | None = None,
+    module: nn.Module,
+    to_hf: Callable[[str], str],
+    dtype: torch.dtype | None = None,
     patch_embed_shape: tuple[int, ...] | None = None,
 ) -> dict[str, torch.Tensor]:
     """`module`'s parameters under HF names (tied copies left out, as transformers writes them)."""

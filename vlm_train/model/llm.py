@@ -4,6 +4,7 @@ Parameter names mirror HF `Qwen2ForCausalLM` minus its `model.` prefix, so an HF
 Training runs `forward_embeds` over a pack; generation runs `prefill` over a pack of prompts, then `decode_step`
 one token per sequence against a `KVCache`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,8 +58,14 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(t, -1))
 
     def prefill(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-        cache: KVCache, layer: int,
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        cache: KVCache,
+        layer: int,
     ) -> torch.Tensor:
         """`forward` over a pack of prompts that also stores their keys and values in `cache`."""
         t = x.shape[0]
@@ -72,8 +79,9 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         keys, values, mask = cache.append(layer, k, v)
         # [B, H, 1, hd] queries over [B, Hkv, capacity, hd]; the mask hides unfilled cache slots.
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
         return self.o_proj(out.flatten(1))
 
 
@@ -94,8 +102,14 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def prefill(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-        cache: KVCache, layer: int,
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int,
+        cache: KVCache,
+        layer: int,
     ) -> torch.Tensor:
         x = x + self.self_attn.prefill(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -153,7 +167,11 @@ class DecoderLM(nn.Module):
         return KVCache(len(self.layers), capacity)
 
     def prefill(
-        self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None,
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | None,
         cache: KVCache,
     ) -> torch.Tensor:
         """`forward_embeds` over a pack of prompts, filling the empty `cache` with one row per prompt.

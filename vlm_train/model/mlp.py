@@ -1,4 +1,5 @@
 """SwiGLU feed-forward, shared by the vision blocks (with biases) and the decoder layers (without)."""
+
 from __future__ import annotations
 
 import torch

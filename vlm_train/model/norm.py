@@ -1,4 +1,5 @@
 """RMSNorm as in Llama / Qwen (parameter name `weight`, statistics in float32)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Qwen2.5-VL patch merger: each 2x2 window of vision features -> one LLM token."""
+
 from __future__ import annotations
 
 import torch

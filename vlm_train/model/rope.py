@@ -2,6 +2,7 @@
 
 Both use the Qwen "rotate_half" layout: cos/sin are [T, head_dim] with the two halves equal.
 """
+
 from __future__ import annotations
 
 import math

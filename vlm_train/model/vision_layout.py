@@ -6,6 +6,7 @@ Hugging Face's Qwen2.5-VL derives it, so an imported vision tower sees exactly t
 Terms: a *merge unit* is one spatial_merge_size x spatial_merge_size group of patches (one LLM token). Patches are
 laid out in merge order: image by image, frame by frame, units in raster order, the patches of a unit consecutive.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -66,8 +67,10 @@ def check_keep(keep: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> torch.
     """Validate a keep mask over merge units and return it as a bool tensor on the CPU."""
     total = sum(units_per_image(grid_thw, merge))
     if keep.dim() != 1 or keep.shape[0] != total:
-        raise ValueError(f"vit keep mask must be one flag per merge window ({total} for grids "
-                         f"{grid_thw.tolist()}), got shape {tuple(keep.shape)}")
+        raise ValueError(
+            f"vit keep mask must be one flag per merge window ({total} for grids "
+            f"{grid_thw.tolist()}), got shape {tuple(keep.shape)}"
+        )
     if keep.dtype != torch.bool:
         raise ValueError(f"vit keep mask must be bool, got {keep.dtype}")
     return keep.cpu()
@@ -83,7 +86,7 @@ def vision_layout(
     """
     device = grid_thw.device
     grids = grid_thw.tolist()
-    for t, h, w in grids:
+    for _, h, w in grids:
         if h % merge or w % merge:
             raise ValueError(f"image grid {h}x{w} patches is not divisible by spatial_merge_size {merge}")
     unit = merge * merge
@@ -131,8 +134,9 @@ def keep_from_patch_positions(
     grids, bounds = grid_thw.tolist(), vit_cu_seqlens.tolist()
     positions = positions.cpu()
     if len(bounds) != len(grids) + 1 or bounds[-1] != positions.shape[0]:
-        raise ValueError(f"patch_positions ({positions.shape[0]} rows) and vit_cu_seqlens {bounds} do not fit "
-                         f"{len(grids)} images")
+        raise ValueError(
+            f"patch_positions ({positions.shape[0]} rows) and vit_cu_seqlens {bounds} do not fit {len(grids)} images"
+        )
     masks = []
     for (t, h, w), start, end in zip(grids, bounds[:-1], bounds[1:]):
         if t != 1:

@@ -3,6 +3,7 @@
 Submodule names mirror HF `Qwen2_5_VisionTransformerPretrainedModel`, so importing its weights is a rename
 (plus reshaping the Conv3d patch embedding into our Linear).
 """
+
 from __future__ import annotations
 
 import functools
@@ -62,13 +63,17 @@ class PatchEmbed(nn.Module):
         width, patch_dim = pixel_values.shape[-1], self.proj.in_features
         if pixel_values.dtype == torch.uint8:
             if width not in (patch_dim // self.temporal_patch_size, patch_dim):
-                raise ValueError(f"uint8 pixel_values rows have {width} values, expected C*p*p = "
-                                 f"{patch_dim // self.temporal_patch_size} (one frame) or C*t*p*p = {patch_dim}")
+                raise ValueError(
+                    f"uint8 pixel_values rows have {width} values, expected C*p*p = "
+                    f"{patch_dim // self.temporal_patch_size} (one frame) or C*t*p*p = {patch_dim}"
+                )
         elif not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be uint8 (raw pixels) or float (normalised), got {pixel_values.dtype}")
         elif width != patch_dim:
-            raise ValueError(f"pixel_values rows have {width} values, expected C*t*p*p = {patch_dim} for the vision "
-                             "config (float pixel_values are normalised patches with all t frames)")
+            raise ValueError(
+                f"pixel_values rows have {width} values, expected C*t*p*p = {patch_dim} for the vision "
+                "config (float pixel_values are normalised patches with all t frames)"
+            )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         self.check(pixel_values)
@@ -152,8 +157,10 @@ class VisionTransformer(nn.Module):
             pixel_values = pixel_values[keep.to(pixel_values.device).repeat_interleave(unit)]
         elif pixel_values.shape[0] != kept:
             dropped = f" ({kept} kept after token dropping)" if kept != total else ""
-            raise ValueError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw "
-                             f"{grid_thw.tolist()} implies {total}{dropped}")
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} patches but image_grid_thw "
+                f"{grid_thw.tolist()} implies {total}{dropped}"
+            )
 
         x = self.patch_embed(pixel_values)
         # head_dim/2 rotary dims per axis (h, w).

@@ -1,4 +1,5 @@
 """The VLM: vision tower -> patch merger -> image embeddings scattered into the LLM's packed sequence."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """Turn the config into components: tokenizer, encoder, data sources, packed stream, model."""
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,9 @@ def build_data(data: DataConfig, model: ModelConfig) -> DataSetup:
     for source in sources:
         missing = [u for u in source.urls if "://" not in u and not os.path.exists(u)]
         if missing:
-            raise FileNotFoundError(f"data source {source.name!r}: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+            raise FileNotFoundError(
+                f"data source {source.name!r}: {len(missing)} shard(s) not found, e.g. {missing[0]}"
+            )
     tokenizer = load_tokenizer(data.tokenizer, corpus=corpus_lines())
     return DataSetup(tokenizer, build_encoder(tokenizer, data, model), sources, heldout)
 
@@ -61,8 +64,9 @@ def build_encoder(tokenizer: PreTrainedTokenizerBase, data: DataConfig, model: M
     return Encoder(tokenizer, patch_spec(model, data), data.image.sampling(), data.system_prompt)
 
 
-def build_stream(setup: DataSetup, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1,
-                 encoder: Encoder | None = None) -> PackedStream:  # fmt: skip
+def build_stream(
+    setup: DataSetup, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1, encoder: Encoder | None = None
+) -> PackedStream:
     return PackedStream(setup.sources, encoder or setup.encoder, data, seed=seed, rank=rank, world_size=world_size)
 
 

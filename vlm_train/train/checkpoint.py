@@ -10,6 +10,7 @@ Layout of checkpoints/step_XXXXXXXX/:
 Nothing is pickled. Every rank writes into the same temporary folder (run.dir must be on a filesystem all ranks
 share); rank 0 renames it once every rank is done.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ def rank_file(folder: Path, kind: str, rank: int, suffix: str) -> Path:
 
 
 def step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name[len(PREFIX):])
+    return int(checkpoint.name[len(PREFIX) :])
 
 
 def staging_folder(run_dir: str | Path, step: int) -> Path:
@@ -112,7 +113,7 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
     return sorted(found, key=step_of)
 
 
@@ -130,4 +131,6 @@ def load_model_weights(model: nn.Module, checkpoint: str | Path) -> None:
         raise FileNotFoundError(f"no model.safetensors in checkpoint {checkpoint}")
     missing, unexpected = load_model(model, str(path), strict=False)
     if missing or unexpected:
-        raise ValueError(f"checkpoint {checkpoint} does not match the model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"checkpoint {checkpoint} does not match the model: missing {missing}, unexpected {unexpected}"
+        )

@@ -1,4 +1,5 @@
 """The root training config, registered with Hydra's ConfigStore so a misspelt key or a wrong type is an error."""
+
 from __future__ import annotations
 
 import datetime

@@ -1,4 +1,5 @@
 """Curriculum stages: what trains, in which parameter groups at which lr, and a stage's data and loss overrides."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ OTHER_GROUP = "other"  # parameters that match no group of curriculum.groups
 
 
 def validate_curriculum(cfg: CurriculumConfig, model: nn.Module, loss: LossConfig | None = None) -> None:
-    """Clear errors for an empty curriculum, bad lengths and schedules, unknown groups and patterns that match nothing."""
+    """Clear errors for an empty curriculum, bad lengths and schedules, unknown groups, patterns matching nothing."""
     if not cfg.stages:
         raise ValueError("curriculum.stages is empty: a run needs at least one stage")
     names = [name for name, _ in model.named_parameters()]
@@ -25,8 +26,10 @@ def validate_curriculum(cfg: CurriculumConfig, model: nn.Module, loss: LossConfi
     for index, stage in enumerate(cfg.stages):
         where = f"curriculum.stages.{index} ({stage.name})"
         if (stage.steps > 0) == (stage.tokens > 0) or stage.steps < 0 or stage.tokens < 0:
-            raise ValueError(f"{where}: set exactly one of steps and tokens to a positive number "
-                             f"(steps must be positive; got steps={stage.steps}, tokens={stage.tokens})")  # fmt: skip
+            raise ValueError(
+                f"{where}: set exactly one of steps and tokens to a positive number "
+                f"(steps must be positive; got steps={stage.steps}, tokens={stage.tokens})"
+            )
         if stage.schedule not in SCHEDULES:
             raise ValueError(f"{where}: schedule {stage.schedule!r} is not one of {SCHEDULES}")
         if stage.decay_shape not in DECAY_SHAPES:
@@ -39,10 +42,14 @@ def validate_curriculum(cfg: CurriculumConfig, model: nn.Module, loss: LossConfi
             raise ValueError(f"{where}: lr and lr_scale must not be negative")
         unknown = sorted(set(stage.lr_scale) - set(cfg.groups) - {OTHER_GROUP})
         if unknown:
-            raise ValueError(f"{where}: lr_scale names unknown groups {unknown}; curriculum.groups has {sorted(cfg.groups)}")
+            raise ValueError(
+                f"{where}: lr_scale names unknown groups {unknown}; curriculum.groups has {sorted(cfg.groups)}"
+            )
         for pattern in stage.trainable:
             if not fnmatch.filter(names, pattern):
-                raise ValueError(f"{where}: trainable pattern {pattern!r} matches no parameter (try vision.*, projector.*, llm.*)")
+                raise ValueError(
+                    f"{where}: trainable pattern {pattern!r} matches no parameter (try vision.*, projector.*, llm.*)"
+                )
         if loss is not None:
             check_loss(stage_loss(loss, stage), where)
 
@@ -73,13 +80,15 @@ def param_groups(model: nn.Module, stage: StageConfig, groups: dict[str, list[st
             buckets.setdefault((group_of(name, groups), param.ndim >= 2), []).append(param)
     result = []
     for (group, decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1])):
-        result.append({
-            "params": params,
-            "name": group if decay else f"{group}/no_decay",
-            "group": group,
-            "lr_scale": float(stage.lr_scale.get(group, 1.0)),
-            "weight_decay": train.weight_decay if decay else 0.0,
-        })  # fmt: skip
+        result.append(
+            {
+                "params": params,
+                "name": group if decay else f"{group}/no_decay",
+                "group": group,
+                "lr_scale": float(stage.lr_scale.get(group, 1.0)),
+                "weight_decay": train.weight_decay if decay else 0.0,
+            }
+        )
     return result
 
 
@@ -103,4 +112,3 @@ def stage_data(data: DataConfig, stage: StageConfig) -> DataConfig:
     return dataclasses.replace(
         data, pack=dataclasses.replace(data.pack, **pack), image=dataclasses.replace(data.image, **image)
     )
-

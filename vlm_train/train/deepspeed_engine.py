@@ -1,4 +1,5 @@
 """DeepSpeed ZeRO 0-3 under torchrun: one DeepSpeed engine per curriculum stage, state saved without pickles."""
+
 from __future__ import annotations
 
 import contextlib
@@ -34,11 +35,19 @@ class DeepSpeedEngine(Engine):
 
     A stage change builds a new DeepSpeed engine over the same module (ZeRO 0-2) or over a fresh module that holds
     the gathered weights (ZeRO-3, whose parameters are partitioned in place). Gradient clipping and the
-    non-finite check are DeepSpeed's under ZeRO 1-3 (it skips such a step on every rank) and the optimizer's under ZeRO-0.
+    non-finite check are DeepSpeed's under ZeRO 1-3 (it skips such a step on every rank), the optimizer's under ZeRO-0.
     """
 
-    def __init__(self, cfg: EngineConfig, train: TrainConfig, model: VLM, make_model: Callable[[], VLM],
-                 device: torch.device, dist: DistInfo, bf16: bool):  # fmt: skip
+    def __init__(
+        self,
+        cfg: EngineConfig,
+        train: TrainConfig,
+        model: VLM,
+        make_model: Callable[[], VLM],
+        device: torch.device,
+        dist: DistInfo,
+        bf16: bool,
+    ):
         if not 0 <= cfg.zero_stage <= 3:
             raise ValueError(f"engine.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
@@ -173,8 +182,9 @@ class DeepSpeedEngine(Engine):
         if "load_from_fp32_weights" in inspect.signature(optimizer.load_state_dict).parameters:
             # ZeRO 1-3: a list with every rank's state; same world size, so only ours is read. The fp32 master
             # weights come from the checkpoint, not from the (possibly bf16) model weights.
-            optimizer.load_state_dict([state] * self.dist.world_size, load_optimizer_states=True,
-                                      load_from_fp32_weights=True)  # fmt: skip
+            optimizer.load_state_dict(
+                [state] * self.dist.world_size, load_optimizer_states=True, load_from_fp32_weights=True
+            )
         else:
             optimizer.load_state_dict(state)  # ZeRO-0: GuardedAdamW itself, or DeepSpeed's bf16 wrapper of it
 

@@ -1,5 +1,6 @@
 """torch.distributed for the trainer: one process group, set up from torchrun's environment, and small helpers
 that are no-ops in a single process."""
+
 from __future__ import annotations
 
 import datetime
@@ -28,8 +29,9 @@ class DistInfo:
 
 def env_info() -> DistInfo:
     """Rank, world size and local rank as torchrun sets them (a plain launch is rank 0 of 1)."""
-    return DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                    int(os.environ.get("LOCAL_RANK", "0")))  # fmt: skip
+    return DistInfo(
+        int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    )
 
 
 def init_process_group(timeout_minutes: int = 30) -> DistInfo:

@@ -4,6 +4,7 @@ An engine owns the trainable model and its optimizer. A curriculum stage changes
 starts a new optimizer (`start_stage`). The loss handed to `backward` is this rank's share of the global step
 loss: the shares of all micro-batches of all ranks add up to the step loss, so gradients are summed, not averaged.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,9 @@ def use_bf16(cfg: EngineConfig, device: torch.device) -> bool:
 
 
 def make_optimizer(groups: list[dict], train: TrainConfig, clip: float | None) -> GuardedAdamW:
-    return GuardedAdamW(groups, clip=clip, lr=0.0, betas=tuple(train.adam_betas), eps=train.adam_eps,
-                        weight_decay=train.weight_decay)  # fmt: skip
+    return GuardedAdamW(
+        groups, clip=clip, lr=0.0, betas=tuple(train.adam_betas), eps=train.adam_eps, weight_decay=train.weight_decay
+    )
 
 
 def plain_state(obj: Any) -> Any:
@@ -146,14 +148,22 @@ class SingleEngine(Engine):
         self.optimizer = None
 
 
-def build_engine(cfg: EngineConfig, train: TrainConfig, model: VLM, make_model: Callable[[], VLM],
-                 device: torch.device, dist: DistInfo) -> Engine:  # fmt: skip
+def build_engine(
+    cfg: EngineConfig,
+    train: TrainConfig,
+    model: VLM,
+    make_model: Callable[[], VLM],
+    device: torch.device,
+    dist: DistInfo,
+) -> Engine:
     """The engine engine.name asks for; `make_model` builds a fresh model (ZeRO-3 needs one per stage)."""
     bf16 = use_bf16(cfg, device)
     if cfg.name == "single":
         if dist.world_size > 1:
-            raise RuntimeError(f"engine=single trains in one process, but WORLD_SIZE={dist.world_size}: launch one "
-                               "process, or use engine=deepspeed under torchrun")  # fmt: skip
+            raise RuntimeError(
+                f"engine=single trains in one process, but WORLD_SIZE={dist.world_size}: launch one "
+                "process, or use engine=deepspeed under torchrun"
+            )
         return SingleEngine(model, train, device, bf16)
     if cfg.name == "deepspeed":
         from vlm_train.train.deepspeed_engine import DeepSpeedEngine  # imports deepspeed: only when asked for

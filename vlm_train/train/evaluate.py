@@ -1,4 +1,5 @@
 """Held-out evaluation: caption exact match and grounding accuracy (IoU >= 0.5) from greedy generations."""
+
 from __future__ import annotations
 
 import itertools
@@ -55,7 +56,9 @@ def select_heldout(urls: list[str], cfg: EvalConfig, max_decode_pixels: int) -> 
     return chosen
 
 
-def predict(model: VLM, encoder: Encoder, samples: list[Sample], cfg: EvalConfig, device: torch.device) -> list[Prediction]:
+def predict(
+    model: VLM, encoder: Encoder, samples: list[Sample], cfg: EvalConfig, device: torch.device
+) -> list[Prediction]:
     """Greedy answers for held-out samples, in packs of `prompts_per_pack` prompts."""
     was_training = model.training
     model.eval()
@@ -85,7 +88,9 @@ def score(predictions: list[Prediction]) -> dict[str, float]:
     return result
 
 
-def evaluate_and_report(model: VLM, setup: DataSetup, cfg: Config, device: torch.device, run_dir: Path) -> dict[str, Any]:
+def evaluate_and_report(
+    model: VLM, setup: DataSetup, cfg: Config, device: torch.device, run_dir: Path
+) -> dict[str, Any]:
     """Score the held-out split, print a few examples, and keep every prediction in heldout_predictions.jsonl."""
     started = time.perf_counter()
     samples = select_heldout(setup.heldout_urls, cfg.eval, cfg.data.image.max_decode_pixels)

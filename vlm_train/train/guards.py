@@ -3,6 +3,7 @@
 Every decision here is taken from numbers that are already the same on every rank (the all-reduced step loss,
 the global grad norm, the all-reduced stop flag), so all ranks skip or stop alike.
 """
+
 from __future__ import annotations
 
 import logging
@@ -144,8 +145,10 @@ class _FaultyStream(PackedStream):
 
         def next_pack():
             if stream.packs + 1 >= fail_at:
-                raise RuntimeError(f"fault injection: data worker error at pack {stream.packs + 1} "
-                                   f"(train.fault.data_error_at_pack={fail_at})")  # fmt: skip
+                raise RuntimeError(
+                    f"fault injection: data worker error at pack {stream.packs + 1} "
+                    f"(train.fault.data_error_at_pack={fail_at})"
+                )
             return make()
 
         stream.next_pack = next_pack  # type: ignore[method-assign]

@@ -7,6 +7,7 @@ answers (see evaluate.py). Samples are read from the shards once, when first nee
     evaluator = HeldoutEvaluator({"heldout": urls}, encoder, cfg.eval, cfg.data.image.max_decode_pixels)
     metrics = evaluator(model, device)  # {"heldout_loss": ..., "heldout_exact_match": ..., ...}
 """
+
 from __future__ import annotations
 
 import os
@@ -102,8 +103,9 @@ class HeldoutEvaluator:
             raise ValueError("no held-out sets: give at least one list of shard URLs")
         _check_urls(self.sets)
         if num_loss_samples < 0 or tokens_per_pack <= 0:
-            raise ValueError(f"num_loss_samples must be >= 0 and tokens_per_pack > 0, got {num_loss_samples}, "
-                             f"{tokens_per_pack}")
+            raise ValueError(
+                f"num_loss_samples must be >= 0 and tokens_per_pack > 0, got {num_loss_samples}, {tokens_per_pack}"
+            )
         self.encoder = encoder
         self.cfg = cfg
         self.max_decode_pixels = max_decode_pixels

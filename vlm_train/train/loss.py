@@ -2,11 +2,12 @@
 
 Every supervised token t of sample s (x_s supervised tokens) has a factor f_t = importance_s * (k_t + 1) ** -power,
 k_t its index among the sample's supervised tokens. The averagings weight it by
-    token:  f_t / sum f            sample: (f_t / x_s) / sum (f / x)            square: (f_t / sqrt x_s) / sum (f / sqrt x)
+    token:  f_t / sum f        sample: (f_t / x_s) / sum (f / x)        square: (f_t / sqrt x_s) / sum (f / sqrt x)
 and mix = alpha * sample + (1 - alpha) * token. The sums run over the step, so a step's weights add up to 1 however
 its samples are split into micro-batches and ranks: `pack_totals` of every pack, summed (and all-reduced), is what
 `token_coefficients` divides by.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,8 +71,9 @@ def _importance(batch: PackedBatch, cfg: LossConfig) -> torch.Tensor:
         if cfg.importance_field and meta.get(cfg.importance_field) is not None:
             own = float(meta[cfg.importance_field])
             if not (math.isfinite(own) and own >= 0):
-                raise ValueError(f"sample {meta.get('key')}: loss importance {cfg.importance_field}={own} "
-                                 "must be finite and >= 0")  # fmt: skip
+                raise ValueError(
+                    f"sample {meta.get('key')}: loss importance {cfg.importance_field}={own} must be finite and >= 0"
+                )
             value *= own
         values.append(value)
     return torch.tensor(values, dtype=torch.float64)
@@ -158,7 +160,9 @@ def token_cross_entropy(
     return F.cross_entropy(logits_or_hidden.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
 
 
-def _one_call_cross_entropy(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+def _one_call_cross_entropy(
+    hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
     """The head called exactly once per pack, as ZeRO-3 needs (each call gathers its weight on every rank)."""
     losses = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
@@ -175,7 +179,9 @@ def weighted_loss(token_losses: torch.Tensor, coefficients: torch.Tensor) -> tor
 def loss_sums_by(batch: PackedBatch, token_losses: torch.Tensor, field: str) -> dict[str, tuple[float, int]]:
     """Sum of token losses and supervised-token count per value of a meta field (source, task)."""
     supervised = batch.labels != IGNORE_INDEX
-    sums = torch.bincount(batch.sample_index, weights=token_losses.detach().double() * supervised, minlength=batch.num_samples)
+    sums = torch.bincount(
+        batch.sample_index, weights=token_losses.detach().double() * supervised, minlength=batch.num_samples
+    )
     counts = _supervised_per_sample(batch)
     result: dict[str, tuple[float, int]] = {}
     for meta, loss_sum, count in zip(batch.meta, sums.tolist(), counts.tolist()):

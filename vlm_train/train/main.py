@@ -1,4 +1,5 @@
 """The `vlm-train` entry point (also `python -m vlm_train.train`, so `torchrun -m vlm_train.train` works)."""
+
 from __future__ import annotations
 
 import hydra

@@ -1,4 +1,5 @@
 """Metrics sinks (rank 0 only): a console progress line, metrics.jsonl in the run folder, and W&B when enabled."""
+
 from __future__ import annotations
 
 import hashlib
@@ -33,20 +34,36 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     path.write_text("".join(row + "\n" for row in rows))
 
 
-def step_record(position: Position, stage: str, lrs: dict[str, float], r: StepResult, seconds: float,
-                skipped: dict[str, int], mfu: float | None) -> dict[str, Any]:  # fmt: skip
+def step_record(
+    position: Position,
+    stage: str,
+    lrs: dict[str, float],
+    r: StepResult,
+    seconds: float,
+    skipped: dict[str, int],
+    mfu: float | None,
+) -> dict[str, Any]:
     """The metrics of one optimizer step (all ranks together)."""
     record: dict[str, Any] = {
-        "step": position.step, "stage": stage, "loss": r.loss, "grad_norm": r.grad_norm,
+        "step": position.step,
+        "stage": stage,
+        "loss": r.loss,
+        "grad_norm": r.grad_norm,
         "lr": max(lrs.values(), default=0.0),
         **{f"lr/{name}": lr for name, lr in lrs.items() if not name.endswith("/no_decay")},
-        "tokens": position.tokens, "tokens_per_s": r.tokens / seconds, "samples_per_s": r.samples / seconds,
-        "supervised_tokens_per_s": r.supervised / seconds, "step_time_s": seconds,
-        "packing/llm_fill": r.llm_fill / max(r.packs, 1), "packing/vit_fill": r.vit_fill / max(r.packs, 1),
-        "tflops_per_s": r.flops / seconds / 1e12, "mfu": mfu,
-        "skipped_step": int(r.skipped is not None), "skipped_steps": sum(skipped.values()),
+        "tokens": position.tokens,
+        "tokens_per_s": r.tokens / seconds,
+        "samples_per_s": r.samples / seconds,
+        "supervised_tokens_per_s": r.supervised / seconds,
+        "step_time_s": seconds,
+        "packing/llm_fill": r.llm_fill / max(r.packs, 1),
+        "packing/vit_fill": r.vit_fill / max(r.packs, 1),
+        "tflops_per_s": r.flops / seconds / 1e12,
+        "mfu": mfu,
+        "skipped_step": int(r.skipped is not None),
+        "skipped_steps": sum(skipped.values()),
         **{f"skipped_steps/{reason}": count for reason, count in skipped.items()},
-    }  # fmt: skip
+    }
     for prefix, sums in (("loss/source", r.by_source), ("loss/task", r.by_task)):
         record.update({f"{prefix}/{key}": total / count for key, (total, count) in sums.items() if count})
     return record
@@ -59,8 +76,15 @@ def _json_safe(value: Any) -> Any:
 class MetricsLogger:
     """One `log(metrics)` per optimizer step; every sink sees the same numbers. Off on ranks other than 0."""
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, total_steps: int, config: dict[str, Any],
-                 enabled: bool = True, start_step: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggerConfig,
+        total_steps: int,
+        config: dict[str, Any],
+        enabled: bool = True,
+        start_step: int = 0,
+    ):
         self.cfg = cfg
         self.total_steps = total_steps
         self.enabled = enabled
@@ -103,11 +127,17 @@ class MetricsLogger:
             mfu = metrics.get("mfu")
             log.info(
                 "step %d/%d [%s] loss %.4f | lr %.2e | %.0f tok/s | %.1f samples/s | %s | elapsed %s | eta %s",
-                step, self.total_steps, metrics.get("stage", "?"), metrics["loss"], metrics.get("lr", 0.0),
-                metrics.get("tokens_per_s", 0.0), metrics.get("samples_per_s", 0.0),
+                step,
+                self.total_steps,
+                metrics.get("stage", "?"),
+                metrics["loss"],
+                metrics.get("lr", 0.0),
+                metrics.get("tokens_per_s", 0.0),
+                metrics.get("samples_per_s", 0.0),
                 f"MFU {mfu:.1%}" if mfu is not None else f"{metrics.get('tflops_per_s', 0.0):.3f} TFLOP/s",
-                format_duration(elapsed), format_duration(eta),
-            )  # fmt: skip
+                format_duration(elapsed),
+                format_duration(eta),
+            )
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:

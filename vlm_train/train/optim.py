@@ -1,4 +1,5 @@
 """AdamW that can be told to skip its next update, and that clips and checks gradients it sees whole."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """Save and restore the whole training state across ranks: model, optimizer, RNG, data loader, curriculum position
 and guards. A resumed run continues exactly where the checkpoint was taken (same losses, on CPU, bit for bit)."""
+
 from __future__ import annotations
 
 import logging
@@ -33,8 +34,10 @@ def find_checkpoint(run_dir: Path, resume: str) -> Path | None:
         return found[-1] if found else None
     folder = Path(resume).expanduser()
     if not (folder / "model.safetensors").is_file():
-        raise FileNotFoundError(f"train.resume={resume}: not a complete checkpoint folder (no model.safetensors); "
-                                "use auto, never, or a checkpoints/step_XXXXXXXX folder")  # fmt: skip
+        raise FileNotFoundError(
+            f"train.resume={resume}: not a complete checkpoint folder (no model.safetensors); "
+            "use auto, never, or a checkpoints/step_XXXXXXXX folder"
+        )
     return folder
 
 
@@ -58,8 +61,16 @@ def open_resume(run_dir: Path, resume: str, world_size: int, engine_name: str, z
     return Resume(folder, state)
 
 
-def save_training_state(run_dir: Path, step: int, engine: Engine, loader_state: dict[str, Any],
-                        trainer_state: dict[str, Any], config_yaml: str, tokenizer: Any, keep_last: int) -> Path:  # fmt: skip
+def save_training_state(
+    run_dir: Path,
+    step: int,
+    engine: Engine,
+    loader_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    config_yaml: str,
+    tokenizer: Any,
+    keep_last: int,
+) -> Path:
     """Every rank writes its part into one temporary folder; rank 0 makes it visible when all are done."""
     rank, is_main = D.env_info().rank, D.env_info().rank == 0
     tmp = C.staging_folder(run_dir, step)

@@ -1,4 +1,5 @@
 """Learning-rate schedules within a stage and the run's position in the curriculum (steps or tokens)."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """This rank's packs through the curriculum: the loader is rebuilt (its state carried over) when a stage changes the
 pack budgets or the resolution range, and its mixture is set at every stage start."""
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,16 @@ log = logging.getLogger("vlm_train")
 class RankData:
     """The data loader of one rank, through the stages of the curriculum."""
 
-    def __init__(self, setup: DataSetup, data: DataConfig, model: ModelConfig, seed: int, rank: int, world_size: int,
-                 faults: FaultInjector):  # fmt: skip
+    def __init__(
+        self,
+        setup: DataSetup,
+        data: DataConfig,
+        model: ModelConfig,
+        seed: int,
+        rank: int,
+        world_size: int,
+        faults: FaultInjector,
+    ):
         self.setup, self.base, self.model = setup, data, model
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.faults = faults
@@ -44,8 +53,10 @@ class RankData:
                 try:
                     self.loader.load_state_dict(state)
                 except ValueError as exc:
-                    raise ValueError(f"stage {stage.name!r}: the data loader cannot continue under this stage's "
-                                     f"data overrides ({exc})") from exc  # fmt: skip
+                    raise ValueError(
+                        f"stage {stage.name!r}: the data loader cannot continue under this stage's "
+                        f"data overrides ({exc})"
+                    ) from exc
         self.loader.set_weights(dict(stage.data.mixture) or None)
 
     def next_packs(self, count: int) -> list[PackedBatch]:

@@ -1,5 +1,6 @@
 """One optimizer step: the step's normalisers all-reduced first, then forward and backward per micro-batch, then
 the guarded update. Every rank computes the same global loss, so every rank takes the same decision."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -45,8 +46,13 @@ def _merge(into: Sums, new: Sums) -> None:
         into[key] = (old_total + total, old_count + count)
 
 
-def forward_backward(engine: Engine, packs: list[PackedBatch], policy: LossConfig, nan: bool = False,
-                     inf_grad: Callable[[nn.Module], Callable[[], None]] | None = None) -> StepResult:  # fmt: skip
+def forward_backward(
+    engine: Engine,
+    packs: list[PackedBatch],
+    policy: LossConfig,
+    nan: bool = False,
+    inf_grad: Callable[[nn.Module], Callable[[], None]] | None = None,
+) -> StepResult:
     """Forward and backward over this rank's micro-batches, each weighted by the step's global normalisers."""
     local = sum((L.pack_totals(p, policy) for p in packs), L.StepTotals(0, 0))
     totals = L.StepTotals.from_tensor(D.all_reduce(local.to_tensor()))
@@ -91,7 +97,9 @@ def pack_stats(result: StepResult, packs: list[PackedBatch], engine: Engine, llm
 def finish_step(engine: Engine, result: StepResult, guard: Guard, stop: bool) -> StepResult:
     """Sum the step's numbers over ranks, let the guard judge the global loss, and update (or skip)."""
     fields = ("loss", "tokens", "samples", "supervised", "patches", "flops", "packs", "llm_fill", "vit_fill")
-    summed = D.all_reduce(torch.tensor([float(getattr(result, f)) for f in fields] + [float(stop)], dtype=torch.float64))
+    summed = D.all_reduce(
+        torch.tensor([float(getattr(result, f)) for f in fields] + [float(stop)], dtype=torch.float64)
+    )
     values = summed.tolist()
     for name, value in zip(fields, values):
         setattr(result, name, value if isinstance(getattr(result, name), float) else int(value))

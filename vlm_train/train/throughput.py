@@ -1,4 +1,5 @@
 """Throughput numbers: device peak FLOP/s for MFU, and memory in use."""
+
 from __future__ import annotations
 
 import resource
@@ -59,7 +60,9 @@ def mfu(flops: float, seconds: float, peak_per_device: float | None, world_size:
 def memory_gb(device: torch.device) -> dict[str, float]:
     """Peak memory of this process: CUDA allocator on a GPU, resident set size on the CPU."""
     if device.type == "cuda":
-        return {"memory/max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-                "memory/max_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}  # fmt: skip
+        return {
+            "memory/max_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+            "memory/max_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30,
+        }
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"memory/max_rss_gb": rss / (2**30 if sys.platform == "darwin" else 2**20)}

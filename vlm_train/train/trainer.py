@@ -1,4 +1,5 @@
 """The training run: data -> model -> curriculum of stages -> checkpoint -> held-out evaluation -> summary."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,9 @@ class Trainer:
         validate_curriculum(cfg.curriculum, model, cfg.loss)
         if self.resume is not None:
             load_model_weights(model, self.resume.folder)
-        self.engine = build_engine(cfg.engine, cfg.train, model, lambda: build_model(cfg.model, self.setup, False),
-                                   self.device, dist)  # fmt: skip
+        self.engine = build_engine(
+            cfg.engine, cfg.train, model, lambda: build_model(cfg.model, self.setup, False), self.device, dist
+        )
         self.faults = FaultInjector(cfg.train.fault, dist.rank)
         self.data = RankData(self.setup, cfg.data, cfg.model, cfg.run.seed, dist.rank, dist.world_size, self.faults)
         self.guard = Guard(cfg.train.guard)
@@ -64,13 +66,24 @@ class Trainer:
         self.stop = StopSignal().install()
         self.peak = device_peak_flops(self.device, cfg.logger.peak_tflops)
         stages = cfg.curriculum.stages
-        self.metrics = MetricsLogger(run_dir, cfg.logger, estimate_total_steps(stages, self.position, 1.0),
-                                     OmegaConf.to_container(OmegaConf.structured(cfg)), dist.is_main,
-                                     self.position.step)  # fmt: skip
-        log.info("run folder %s | model %.2fM parameters | engine %s%s | %d rank(s) | device %s%s", run_dir,
-                 model.num_parameters() / 1e6, cfg.engine.name,
-                 f" ZeRO-{cfg.engine.zero_stage}" if cfg.engine.name == "deepspeed" else "", dist.world_size,
-                 self.device, f" | resuming from {self.resume.folder}" if self.resume else "")  # fmt: skip
+        self.metrics = MetricsLogger(
+            run_dir,
+            cfg.logger,
+            estimate_total_steps(stages, self.position, 1.0),
+            OmegaConf.to_container(OmegaConf.structured(cfg)),
+            dist.is_main,
+            self.position.step,
+        )
+        log.info(
+            "run folder %s | model %.2fM parameters | engine %s%s | %d rank(s) | device %s%s",
+            run_dir,
+            model.num_parameters() / 1e6,
+            cfg.engine.name,
+            f" ZeRO-{cfg.engine.zero_stage}" if cfg.engine.name == "deepspeed" else "",
+            dist.world_size,
+            self.device,
+            f" | resuming from {self.resume.folder}" if self.resume else "",
+        )
 
     # ---- the curriculum ---------------------------------------------------------------------------------------
 
@@ -112,8 +125,14 @@ class Trainer:
         # ZeRO-3 leaves a partition in each parameter; ds_numel is its full size.
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.model.parameters() if p.requires_grad)
         length = f"{stage.steps} steps" if stage.steps else f"{stage.tokens} tokens"
-        log.info("stage %d '%s': %s, %.2fM trainable parameters (%s)", self.position.stage + 1, stage.name, length,
-                 trainable / 1e6, ", ".join(stage.trainable))  # fmt: skip
+        log.info(
+            "stage %d '%s': %s, %.2fM trainable parameters (%s)",
+            self.position.stage + 1,
+            stage.name,
+            length,
+            trainable / 1e6,
+            ", ".join(stage.trainable),
+        )
 
     def _step(self, stage: StageConfig) -> StepResult:
         started = time.perf_counter()
@@ -121,17 +140,30 @@ class Trainer:
         self.engine.set_lrs(lrs)
         packs = self.data.next_packs(self.cfg.train.micro_batches)
         step = self.position.step + 1
-        result = forward_backward(self.engine, packs, self.policy, nan=self.faults.nan_loss(step),
-                                  inf_grad=lambda model: self.faults.inf_grad(step, model))  # fmt: skip
+        result = forward_backward(
+            self.engine,
+            packs,
+            self.policy,
+            nan=self.faults.nan_loss(step),
+            inf_grad=lambda model: self.faults.inf_grad(step, model),
+        )
         pack_stats(result, packs, self.engine, *self.data.budgets)
         result = finish_step(self.engine, result, self.guard, self.stop.received)
         self.position.advance(result.tokens)
         self.guard.record(self.position.step, result.loss, result.skipped)
-        self.metrics.total_steps = estimate_total_steps(self.cfg.curriculum.stages, self.position,
-                                                        self.position.tokens / max(self.position.step, 1))  # fmt: skip
+        self.metrics.total_steps = estimate_total_steps(
+            self.cfg.curriculum.stages, self.position, self.position.tokens / max(self.position.step, 1)
+        )
         seconds = time.perf_counter() - started
-        record = step_record(self.position, stage.name, lrs, result, seconds, self.guard.skipped,
-                             mfu(result.flops, seconds, self.peak, self.dist.world_size))  # fmt: skip
+        record = step_record(
+            self.position,
+            stage.name,
+            lrs,
+            result,
+            seconds,
+            self.guard.skipped,
+            mfu(result.flops, seconds, self.peak, self.dist.world_size),
+        )
         record.update(self._data_skips())
         record.update(memory_gb(self.device))
         self.metrics.log(record)
@@ -148,8 +180,11 @@ class Trainer:
         if reason or (interval > 0 and step % interval == 0):
             self.save()
         if reason:
-            log.warning("stopping after step %d (%s); checkpoint saved, the next launch resumes", step,
-                        "SIGTERM" if reason == "signal" else f"train.exit_at_step={train.exit_at_step}")  # fmt: skip
+            log.warning(
+                "stopping after step %d (%s); checkpoint saved, the next launch resumes",
+                step,
+                "SIGTERM" if reason == "signal" else f"train.exit_at_step={train.exit_at_step}",
+            )
         return reason
 
     def _data_skips(self) -> dict[str, int]:
@@ -163,12 +198,25 @@ class Trainer:
     def save(self) -> Path:
         stages = self.cfg.curriculum.stages
         state = {
-            "step": self.position.step, "position": self.position.state_dict(), "guard": self.guard.state_dict(),
-            "world_size": self.dist.world_size, "engine": self.cfg.engine.name, "zero_stage": self.cfg.engine.zero_stage,
-            "stage_name": stages[self.position.stage].name, "stages": [s.name for s in stages],
-        }  # fmt: skip
-        self.saved = save_training_state(self.run_dir, self.position.step, self.engine, self.data.state_dict(), state,
-                                         self.config_yaml, self.setup.tokenizer, self.cfg.checkpoint.keep_last)  # fmt: skip
+            "step": self.position.step,
+            "position": self.position.state_dict(),
+            "guard": self.guard.state_dict(),
+            "world_size": self.dist.world_size,
+            "engine": self.cfg.engine.name,
+            "zero_stage": self.cfg.engine.zero_stage,
+            "stage_name": stages[self.position.stage].name,
+            "stages": [s.name for s in stages],
+        }
+        self.saved = save_training_state(
+            self.run_dir,
+            self.position.step,
+            self.engine,
+            self.data.state_dict(),
+            state,
+            self.config_yaml,
+            self.setup.tokenizer,
+            self.cfg.checkpoint.keep_last,
+        )
         self.saved_step = self.position.step
         return self.saved
 
@@ -183,11 +231,18 @@ def _check_curriculum(state: dict[str, Any], stages: list[StageConfig], position
     """A resumed run must still have the stage it stopped in; other changes to the curriculum are allowed."""
     names = [s.name for s in stages]
     if position.stage >= len(stages):
-        raise ValueError(f"the checkpoint is in stage {position.stage + 1} ({state.get('stage_name')!r}) but "
-                         f"curriculum.stages has {len(stages)}: {names}")  # fmt: skip
+        raise ValueError(
+            f"the checkpoint is in stage {position.stage + 1} ({state.get('stage_name')!r}) but "
+            f"curriculum.stages has {len(stages)}: {names}"
+        )
     if state.get("stages") != names:
-        log.warning("the curriculum changed since the checkpoint (stages %s, now %s): continuing in stage %d (%s)",
-                    state.get("stages"), names, position.stage + 1, names[position.stage])  # fmt: skip
+        log.warning(
+            "the curriculum changed since the checkpoint (stages %s, now %s): continuing in stage %d (%s)",
+            state.get("stages"),
+            names,
+            position.stage + 1,
+            names[position.stage],
+        )
 
 
 def shared_run_dir(run_dir: str) -> Path:
@@ -203,8 +258,10 @@ def run(cfg: Config) -> dict[str, Any]:
     """Train through every stage of the curriculum, save, evaluate, and write summary.json."""
     world_size = D.env_info().world_size
     if cfg.engine.name == "single" and world_size > 1:
-        raise RuntimeError(f"engine=single trains in one process, but WORLD_SIZE={world_size}: launch one "
-                           "process, or use engine=deepspeed under torchrun")  # fmt: skip
+        raise RuntimeError(
+            f"engine=single trains in one process, but WORLD_SIZE={world_size}: launch one "
+            "process, or use engine=deepspeed under torchrun"
+        )
     dist = D.init_process_group()
     run_dir = shared_run_dir(cfg.run.dir)
     if not dist.is_main:

@@ -6,8 +6,8 @@ import functools
 
 import torch
 
+from vlm_train.data.collate import collate
 from vlm_train.data.encode import EncodedSample
-from vlm_train.data.packer import collate
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.train.config import LossConfig, StageConfig, TrainConfig
 from vlm_train.train.curriculum import param_groups, set_trainable

@@ -118,7 +118,7 @@ def test_cuda_backend_gradients_agree_with_sdpa_in_bf16(backend):
 @pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
 def test_whole_vlm_agrees_across_backends_on_gpu(backend):
     """Windowed ViT + GQA decoder on a real pack: logits under each CUDA backend match sdpa within bf16 tolerance."""
-    from vlm_train.data.packer import collate
+    from vlm_train.data.collate import collate
     from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
 
     from helpers import encoder, sample, tiny_tokenizer

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlm_train.data.packer import collate
+from vlm_train.data.collate import collate
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.train.checkpoint import TRAINER_STATE, complete_checkpoints, load_model_weights, save_checkpoint
 from vlm_train.train.engine import overlay, plain_state

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from vlm_train.data.batch import IGNORE_INDEX
-from vlm_train.data.packer import collate
+from vlm_train.data.collate import collate
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.model.chunked_loss import chunked_cross_entropy
 from vlm_train.train import loss as L

@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from vlm_train.data.packer import collate
+from vlm_train.data.collate import collate
 from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
 from vlm_train.model.vit import float_pixel_values
 from vlm_train.train.checkpoint import load_model_weights, save_checkpoint

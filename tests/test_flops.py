@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlm_train.data.batch import IGNORE_INDEX
-from vlm_train.data.packer import collate
+from vlm_train.data.collate import collate
 from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
 from vlm_train.model.flops import llm_flops, pack_flops
 from vlm_train.model.vision_layout import random_keep, vision_layout

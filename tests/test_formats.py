@@ -11,7 +11,7 @@ import webdataset as wds
 from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.formats import parse_sample
-from vlm_train.data.shards import iter_shard
+from vlm_train.data.tar_reader import iter_shard
 
 from helpers import encoder, noise_image, tiny_tokenizer
 

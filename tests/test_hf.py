@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlm_train.data.collate import collate
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
 from vlm_train.data.image import normalise_patches
-from vlm_train.data.packer import collate
 from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
 from vlm_train.model.hf import (
     UnsupportedCheckpoint,

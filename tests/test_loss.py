@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vlm_train.data.packer import collate
+from vlm_train.data.collate import collate
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.train import loss as L
 from vlm_train.train.config import LossConfig

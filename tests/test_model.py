@@ -439,9 +439,9 @@ def _dropping_pack(seed: int = 0):
     """A real pack from the data pipeline with half of each image's merge windows dropped, and the same undropped."""
     import numpy as np
 
+    from vlm_train.data.collate import collate
     from vlm_train.data.encode import Encoder
     from vlm_train.data.image import ImageSampling
-    from vlm_train.data.packer import collate
 
     from helpers import SPEC, sample, tiny_tokenizer
 

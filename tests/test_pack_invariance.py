@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from vlm_train.data.batch import IGNORE_INDEX
+from vlm_train.data.collate import collate
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
-from vlm_train.data.packer import PackConfig, Packer, collate
+from vlm_train.data.packer import PackConfig, Packer
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.model.vit import float_pixel_values
 from vlm_train.train import loss as L

@@ -9,11 +9,12 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
 from vlm_train.data.balance import attention_cost, balance, rank_share
 from vlm_train.data.batch import IGNORE_INDEX
+from vlm_train.data.collate import collate
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import Encoder
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
 from vlm_train.data.image import ImageSampling
-from vlm_train.data.packer import PackConfig, Packer, collate, restore_key
+from vlm_train.data.packer import PackConfig, Packer, restore_key_of
 
 from helpers import SPEC, encoder, noise_image, sample, tiny_tokenizer
 
@@ -263,9 +264,9 @@ def test_state_is_json_keys_and_a_restored_packer_continues_identically():
 
 def test_restore_key_prefers_the_loaders_key():
     encoded = _encoded(1)[0]
-    assert restore_key(encoded) == {"source": "test", "key": "s0"}
+    assert restore_key_of(encoded) == {"source": "test", "key": "s0"}
     encoded.meta["restore_key"] = {"source": "web", "url": "a.tar", "index": 3}
-    assert restore_key(encoded) == {"source": "web", "url": "a.tar", "index": 3}
+    assert restore_key_of(encoded) == {"source": "web", "url": "a.tar", "index": 3}
 
 
 def test_balance_gives_each_rank_as_many_packs_and_evens_attention_cost():

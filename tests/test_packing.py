@@ -5,10 +5,10 @@ import random
 
 import pytest
 
-from vlm_train.data.packing import Budget, Item, StreamPacker
+from vlm_train.data.pack_planner import Budget, Item, PackPlanner
 
 
-def _run(packer: StreamPacker, sizes: list[tuple[int, int, int]], check=None) -> list[list[Item]]:
+def _run(packer: PackPlanner, sizes: list[tuple[int, int, int]], check=None) -> list[list[Item]]:
     packs = []
     for index, (tokens, patches, images) in enumerate(sizes):
         oldest = min((i.seq for i in packer.items()), default=None)
@@ -43,7 +43,7 @@ def _mix(n: int, seed: int) -> list[tuple[int, int, int]]:
 )
 def test_every_item_is_packed_once_within_every_budget(buffer, budget):
     sizes = _mix(1500, seed=buffer)
-    packs = _run(StreamPacker(budget, buffer), sizes)
+    packs = _run(PackPlanner(budget, buffer), sizes)
     assert sorted(i.payload for pack in packs for i in pack) == list(range(len(sizes)))
     for pack in packs:
         assert sum(i.tokens for i in pack) <= budget.tokens
@@ -59,7 +59,7 @@ def test_the_buffer_stays_bounded_and_no_item_waits_longer_than_a_buffer_of_pack
     def check(packer):
         assert len(packer) < max(buffer, 2 * 4096)
 
-    packer = StreamPacker(Budget(4096, 16384), buffer)
+    packer = PackPlanner(Budget(4096, 16384), buffer)
     packs = []
     for index, size in enumerate(sizes):
         arrivals[index] = len(packs)
@@ -73,7 +73,7 @@ def test_the_buffer_stays_bounded_and_no_item_waits_longer_than_a_buffer_of_pack
 
 def test_packs_fill_the_token_budget_on_a_realistic_mix():
     sizes = _mix(6000, seed=2)
-    packer = StreamPacker(Budget(4096, 16384), 128)
+    packer = PackPlanner(Budget(4096, 16384), 128)
     packs = [p for size in sizes for p in packer.push(Item(*size))]
     efficiency = sum(i.tokens for p in packs for i in p) / (len(packs) * 4096)
     assert efficiency > 0.995
@@ -85,7 +85,7 @@ def test_packs_fill_the_token_budget_on_a_realistic_mix():
 def test_tiny_samples_are_held_until_a_pack_can_be_filled():
     rng = random.Random(3)
     sizes = [(rng.randint(20, 60), 0, 0) for _ in range(5000)]
-    packer = StreamPacker(Budget(2048, 1), buffer_size=8)
+    packer = PackPlanner(Budget(2048, 1), buffer_size=8)
     packs = [p for size in sizes for p in packer.push(Item(*size))]
     assert sum(i.tokens for p in packs for i in p) / (len(packs) * 2048) > 0.999
     assert len(packer) < 2 * 2048 // 20 + 1
@@ -93,7 +93,7 @@ def test_tiny_samples_are_held_until_a_pack_can_be_filled():
 
 def test_the_vit_budget_is_respected_when_it_binds():
     sizes = _mix(2000, seed=4)
-    packs = _run(StreamPacker(Budget(4096, 6000), 64), [s for s in sizes if s[1] <= 6000])
+    packs = _run(PackPlanner(Budget(4096, 6000), 64), [s for s in sizes if s[1] <= 6000])
     assert max(sum(i.patches for i in p) for p in packs) <= 6000
     assert max(sum(i.patches for i in p) for p in packs) > 5500  # it did bind
 
@@ -105,11 +105,11 @@ def test_same_stream_same_packs_and_restore_continues_identically():
     def packs_of(packer, part):
         return [[i.payload for i in p] for p in _run(packer, part)]
 
-    expected = packs_of(StreamPacker(budget, 48), sizes)
-    assert packs_of(StreamPacker(budget, 48), sizes) == expected
-    first = StreamPacker(budget, 48)
+    expected = packs_of(PackPlanner(budget, 48), sizes)
+    assert packs_of(PackPlanner(budget, 48), sizes) == expected
+    first = PackPlanner(budget, 48)
     head = [[i.payload for i in p] for index, s in enumerate(sizes[:300]) for p in first.push(Item(*s, payload=index))]
-    restored = StreamPacker(budget, 48)
+    restored = PackPlanner(budget, 48)
     restored.restore(
         [Item(i.tokens, i.patches, i.images, i.payload) for i in first.items()], first.seen_tokens, first.seen_patches
     )
@@ -121,7 +121,7 @@ def test_same_stream_same_packs_and_restore_continues_identically():
 def test_bad_items_and_budgets_are_refused():
     with pytest.raises(ValueError, match="budgets must be positive"):
         Budget(0, 10)
-    packer = StreamPacker(Budget(100, 100, 2), 4)
+    packer = PackPlanner(Budget(100, 100, 2), 4)
     with pytest.raises(ValueError, match="over the tokens budget"):
         packer.push(Item(101))
     with pytest.raises(ValueError, match="over the images budget"):

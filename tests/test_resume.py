@@ -11,8 +11,8 @@ import torch
 import webdataset as wds
 from test_loader import _config, _png, write_shards
 
-from vlm_train.data import shards as shards_module
 from vlm_train.data import sources as sources_module
+from vlm_train.data import tar_reader as tar_reader_module
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.loader import PackedLoader, PackedStream, Source, build_loader
 from vlm_train.data.state import find_restore_keys
@@ -122,8 +122,8 @@ def test_restore_reads_only_the_buffered_samples_by_offset(tmp_path, monkeypatch
             reads[url] += 1
             yield raw
 
-    real = shards_module.iter_shard
-    monkeypatch.setattr(shards_module, "iter_shard", counting)
+    real = tar_reader_module.iter_shard
+    monkeypatch.setattr(tar_reader_module, "iter_shard", counting)
     monkeypatch.setattr(sources_module, "iter_shard", counting)
     loader = _loader(urls)
     for _ in range(5):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from test_loader import write_shards
 
-from vlm_train.data.sharding import reader_slot, slot_units
+from vlm_train.data.shard_assignment import reader_slot, slot_units
 from vlm_train.data.sources import Source, SourceReader
 
 

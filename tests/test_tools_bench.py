@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlm_train.data.collate import collate
 from vlm_train.data.encode import Encoder
 from vlm_train.data.image import PatchSpec
-from vlm_train.data.packer import collate
 
 from helpers import tiny_tokenizer
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlm_train.data.collate import collate
 from vlm_train.data.loader import iter_samples
-from vlm_train.data.packer import collate
 from vlm_train.train import loss as L
 from vlm_train.train.builders import build_data, build_model
 from vlm_train.train.config import EvalConfig

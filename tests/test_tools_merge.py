@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlm_train.data.packer import collate
+from vlm_train.data.collate import collate
 from vlm_train.model import VLM
 from vlm_train.train.checkpoint import load_model_weights
 

@@ -22,14 +22,15 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from vlm_train.data.collate import collate
 from vlm_train.data.config import DataConfig
 from vlm_train.data.encode import Encoder
 from vlm_train.data.formats import parse_sample
 from vlm_train.data.image import RESIZE_METHODS, PatchSpec, patchify, resize_image, smart_resize
 from vlm_train.data.loader import PackedStream, Source, build_loader
-from vlm_train.data.packer import Packer, collate
-from vlm_train.data.shards import iter_shard
+from vlm_train.data.packer import Packer
 from vlm_train.data.synthetic import corpus_lines
+from vlm_train.data.tar_reader import iter_shard
 from vlm_train.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 WORDS = [

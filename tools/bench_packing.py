@@ -16,7 +16,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 
-from vlm_train.data.packing import Budget
+from vlm_train.data.pack_planner import Budget
 
 try:
     from tools.pack_mix import write_mix

@@ -39,11 +39,11 @@ from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
 from vlm_train.data.batch import IGNORE_INDEX, PackedBatch
+from vlm_train.data.collate import collate
 from vlm_train.data.encode import EncodedSample, Encoder
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
 from vlm_train.data.image import PatchSpec
-from vlm_train.data.packer import collate
-from vlm_train.data.packing import Budget
+from vlm_train.data.pack_planner import Budget
 from vlm_train.data.synthetic import corpus_lines
 from vlm_train.data.tokenizer import build_tiny_tokenizer, special_ids
 from vlm_train.data.truncate import truncate

@@ -21,8 +21,8 @@ from typing import Any
 
 from PIL import Image
 
+from vlm_train.data.collate import collate
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
-from vlm_train.data.packer import collate
 from vlm_train.model.generate import SamplingConfig, generate
 
 try:

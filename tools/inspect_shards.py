@@ -20,9 +20,9 @@ from vlm_train.data.encode import Encoder
 from vlm_train.data.formats import parse_sample
 from vlm_train.data.image import PatchSpec
 from vlm_train.data.packer import PackConfig, Packer
-from vlm_train.data.shards import ShardError, iter_shard
 from vlm_train.data.sources import FORMATS, expand_urls
 from vlm_train.data.synthetic import corpus_lines
+from vlm_train.data.tar_reader import ShardError, iter_shard
 from vlm_train.data.tokenizer import load_tokenizer
 
 

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from vlm_train.data.packing import SKIP_REASONS, Budget, Item, StreamPacker
+from vlm_train.data.pack_planner import SKIP_REASONS, Budget, Item, PackPlanner
 
 try:
     from tools.pack_mix import write_mix
@@ -90,9 +90,9 @@ class PackStats:
 
 
 def simulate(items: Iterator[tuple[Item | None, str | None, float]], budget: Budget, buffer: int) -> PackStats:
-    """Run (item, drop reason, encode seconds) through StreamPacker; the packing time alone is measured."""
+    """Run (item, drop reason, encode seconds) through PackPlanner; the packing time alone is measured."""
     stats = PackStats(budget, buffer)
-    packer = StreamPacker(budget, buffer)
+    packer = PackPlanner(budget, buffer)
     arrivals: dict[int, int] = {}
     for index, (item, reason, encode_seconds) in enumerate(items):
         stats.encode_seconds += encode_seconds

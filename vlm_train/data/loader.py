@@ -1,6 +1,6 @@
 """The streaming pipeline of one rank: shards -> samples -> mixture -> encode -> packer -> PackedBatch.
 
-Each loader worker of each rank is a reader slot with its own shards (see sharding.py) and its own SlotStream.
+Each loader worker of each rank is a reader slot with its own shards (see shard_assignment.py) and its own SlotStream.
 Workers are read in a fixed round-robin, and each pack carries its worker's state, so the main process always
 knows the state of every worker as of the last pack it handed out. The stream never ends: a slot that finishes
 its share of an epoch goes on into the next, so every rank yields the same number of packs per step, and no
@@ -18,15 +18,15 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm_train.data.batch import PackedBatch
+from vlm_train.data.collate import collate
 from vlm_train.data.config import DataConfig
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import Encoder
 from vlm_train.data.formats import Sample, parse_sample
-from vlm_train.data.packer import collate
-from vlm_train.data.sharding import reader_slot
-from vlm_train.data.shards import ShardError, iter_shard
+from vlm_train.data.shard_assignment import reader_slot
 from vlm_train.data.sources import Source, expand_urls
 from vlm_train.data.stream import SlotStream
+from vlm_train.data.tar_reader import ShardError, iter_shard
 
 __all__ = [
     "PackedLoader",

@@ -9,9 +9,9 @@ from typing import Any
 
 import webdataset as wds
 
-from vlm_train.data.sharding import Unit, slot_units
-from vlm_train.data.shards import ShardError, check_url, iter_shard
+from vlm_train.data.shard_assignment import Unit, slot_units
 from vlm_train.data.state import new_rng, restore_key, rng_from_state, rng_state
+from vlm_train.data.tar_reader import ShardError, check_url, iter_shard
 
 log = logging.getLogger(__name__)
 

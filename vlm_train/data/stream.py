@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 
 from vlm_train.data.batch import PackedBatch
+from vlm_train.data.collate import collate
 from vlm_train.data.config import DataConfig
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import EncodedSample, Encoder
 from vlm_train.data.formats import parse_sample
-from vlm_train.data.packer import Packer, collate
-from vlm_train.data.shards import fetch_samples
+from vlm_train.data.packer import Packer
 from vlm_train.data.sources import Source, SourceReader
 from vlm_train.data.state import find_restore_keys, new_rng, rng_from_state, rng_state, sample_rng
+from vlm_train.data.tar_reader import fetch_samples
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1

@@ -8,7 +8,7 @@ import numpy as np
 
 from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.encode import EncodedSample
-from vlm_train.data.packing import Budget
+from vlm_train.data.pack_planner import Budget
 from vlm_train.data.tokenizer import SpecialIds
 
 

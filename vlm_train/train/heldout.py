@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from vlm_train.data.batch import PackedBatch
+from vlm_train.data.collate import collate
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import EncodedSample, Encoder
 from vlm_train.data.formats import Sample
 from vlm_train.data.loader import iter_samples
-from vlm_train.data.packer import collate
 from vlm_train.model.vlm import VLM
 from vlm_train.train import loss as L
 from vlm_train.train.config import EvalConfig

@@ -67,7 +67,7 @@ class _Room:
         self.images -= sign * item.images
 
 
-class StreamPacker:
+class PackPlanner:
     """A bounded buffer of items; once full, it emits one pack anchored on its oldest item and filled best-fit.
 
     The buffer is full at `buffer_size` items holding at least two packs' worth of tokens or patches (tiny

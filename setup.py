@@ -27,5 +27,15 @@ setup(
         "dev": ["pytest>=7", "matplotlib>=3.7", "ruff==0.17.6"],
         "gpu": ["flash-attn>=2.6"],
     },
-    entry_points={"console_scripts": ["vlm-train=vlm_train.train.main:main"]},
+    entry_points={
+        "console_scripts": [
+            "vlm-train=vlm_train.train.main:main",
+            "vlm-generate=vlm_train.cli.generate:console",
+            "vlm-evaluate=vlm_train.cli.evaluate:console",
+            "vlm-convert-hf=vlm_train.cli.convert_hf:console",
+            "vlm-merge-checkpoints=vlm_train.cli.merge_checkpoints:console",
+            "vlm-make-shards=vlm_train.cli.make_shards:console",
+            "vlm-inspect-shards=vlm_train.cli.inspect_shards:console",
+        ]
+    },
 )

@@ -62,5 +62,5 @@ def start_full_stage(engine, train: TrainConfig, lr: float = 1e-3) -> None:
         set_trainable(module, ["*"])
         return param_groups(module, StageConfig(name="all", steps=1), {}, train)
 
-    engine.start_stage(groups)
+    engine.start_stage(groups, 0)
     engine.set_lrs({g["name"]: lr for g in engine.param_groups()})

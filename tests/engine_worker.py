@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(__file__))
 from vlm_train.train import distributed as D
 from vlm_train.train.config import EngineConfig, GuardConfig, TrainConfig
-from vlm_train.train.deepspeed_engine import DeepSpeedEngine
+from vlm_train.train.engines.deepspeed_zero import DeepSpeedEngine
 from vlm_train.train.guards import Guard
 from vlm_train.train.step import finish_step, forward_backward
 

@@ -14,14 +14,14 @@ from omegaconf import OmegaConf
 from vlm_train.data.collate import collate
 from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
 from vlm_train.model.vit import float_pixel_values
-from vlm_train.train.checkpoint import load_model_weights, save_checkpoint
+from vlm_train.train.checkpoint import Checkpointer, load_model_weights
 from vlm_train.train.config import Config
 
 from helpers import encoder, sample, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from tools.convert_hf import main  # noqa: E402
+from vlm_train.cli.convert_hf import main  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,7 +50,7 @@ def _trained_run(tmp_path) -> tuple[Path, VLM]:
             p.add_(torch.randn_like(p) * 0.05)  # biases and norms away from their init
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(Config(model=cfg)))
     run = tmp_path / "run"
-    save_checkpoint(run, 12, model, None, {"step": 12}, config_yaml, tiny_tokenizer())
+    Checkpointer(run).save(12, model, config_yaml, tiny_tokenizer())
     return run, model
 
 

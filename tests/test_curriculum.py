@@ -8,8 +8,6 @@ from vlm_train.train.config import (
     FaultConfig,
     LossConfig,
     StageConfig,
-    StageDataConfig,
-    StageLossConfig,
     TrainConfig,
 )
 from vlm_train.train.curriculum import (
@@ -53,12 +51,20 @@ def test_set_trainable_by_module_pattern():
         (StageConfig(name="a", steps=3, tokens=1000), "exactly one of steps and tokens"),
         (StageConfig(name="a", steps=3, lr_scale={"vit": 0.1}), "unknown groups.*vit"),
         (StageConfig(name="a", steps=3, schedule="wsd", decay_shape="exp"), "decay_shape"),
-        (StageConfig(name="a", steps=3, loss=StageLossConfig(averaging="median")), "averaging"),
+        (StageConfig(name="a", steps=3, loss={"averaging": "median"}), "averaging"),
+        (StageConfig(name="a", steps=3, loss={"averagin": "token"}), r"loss\.averagin: .*did you mean averaging"),
+        (
+            StageConfig(name="a", steps=3, data={"llm_budget": 512}),
+            r"data\.llm_budget: .*did you mean pack\.llm_budget",
+        ),
+        (StageConfig(name="a", steps=3, data={"pack": {"llm_budget": "big"}}), r"data\.pack\.llm_budget"),
+        (StageConfig(name="a", steps=3, data={"pack": {"llm_budget": 0}}), r"llm_budget"),
+        (StageConfig(name="a", steps=3, data={"num_workers": 4}), r"num_workers.*cannot change within a run"),
     ],
 )
 def test_bad_curricula_are_clear_errors(stage, match):
     with pytest.raises(ValueError, match=match):
-        validate_curriculum(CurriculumConfig(stages=[stage]), _model(), LossConfig())
+        validate_curriculum(CurriculumConfig(stages=[stage]), _model(), LossConfig(), DataConfig())
 
 
 def test_empty_curriculum_and_bad_group_patterns():
@@ -123,13 +129,15 @@ def test_stage_overrides_of_loss_and_data():
     stage = StageConfig(
         name="s",
         steps=1,
-        loss=StageLossConfig(averaging="square"),
-        data=StageDataConfig(llm_budget=512, max_pixels=6272),
+        loss={"averaging": "square", "source_weights": {"b": 3.0}},
+        data={"pack": {"llm_budget": 512}, "image": {"max_pixels": 6272}, "mixture": {"a": 1.0}},
     )
-    loss = stage_loss(LossConfig(averaging="mix", position_power=0.5), stage)
+    loss = stage_loss(LossConfig(averaging="mix", position_power=0.5, source_weights={"a": 2.0}), stage)
     assert loss.averaging == "square" and loss.position_power == 0.5
-    data = stage_data(DataConfig(), stage)
+    assert loss.source_weights == {"a": 2.0, "b": 3.0}  # merged onto the run's
+    data = stage_data(DataConfig(mixture={"a": 0.5, "b": 0.5}), stage)
     assert data.pack.llm_budget == 512 and data.image.max_pixels == 6272
+    assert data.mixture == {"a": 1.0}  # a stage's mixture replaces the run's: b drops out
     assert (
         data.pack.vit_budget == DataConfig().pack.vit_budget
         and stage_data(DataConfig(), StageConfig(name="x")) == DataConfig()
@@ -140,7 +148,7 @@ def test_stage_data_overrides_reach_the_packs():
     cfg = make_config()
     setup = build_data(cfg.data, cfg.model)
     data = RankData(setup, cfg.data, cfg.model, seed=0, rank=0, world_size=1, faults=FaultInjector(FaultConfig(), 0))
-    small = StageConfig(name="small", steps=1, data=StageDataConfig(llm_budget=512, max_pixels=56 * 56))
+    small = StageConfig(name="small", steps=1, data={"pack": {"llm_budget": 512}, "image": {"max_pixels": 56 * 56}})
     data.enter(small)
     packs = data.next_packs(3)
     assert data.budgets[0] == 512 and all(p.num_tokens <= 512 for p in packs)
@@ -160,7 +168,7 @@ def test_presets_compose_and_validate(preset, stages):
     if preset == "llava":
         assert all(not any(p.startswith("vision") for p in s.trainable) for s in cfg.curriculum.stages)
     if preset == "internvl2_5":
-        assert all(s.tokens > 0 and s.loss.averaging == "square" for s in cfg.curriculum.stages)
+        assert all(s.tokens > 0 and s.loss["averaging"] == "square" for s in cfg.curriculum.stages)
         assert cfg.curriculum.stages[-1].lr_scale["vision"] == pytest.approx(0.1)
     if preset == "points1_5":
-        assert cfg.curriculum.stages[0].data.max_pixels and cfg.curriculum.stages[-1].schedule == "wsd"
+        assert cfg.curriculum.stages[0].data["image"]["max_pixels"] and cfg.curriculum.stages[-1].schedule == "wsd"

@@ -5,7 +5,8 @@ import json
 import pytest
 from test_loader import _config
 
-from tools import bench_loader, inspect_shards, make_shards
+from tools import bench_loader
+from vlm_train.cli import inspect_shards, make_shards
 from vlm_train.data.loader import PackedStream, Source, build_loader
 from vlm_train.data.sources import expand_urls
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from vlm_train.train.config import EngineConfig, GuardConfig, TrainConfig
 from vlm_train.train.distributed import DistInfo
-from vlm_train.train.engine import SingleEngine, build_engine
+from vlm_train.train.engines import SingleEngine, build_engine
 from vlm_train.train.guards import Guard
 from vlm_train.train.step import finish_step, forward_backward
 

@@ -16,14 +16,14 @@ from vlm_train.data.loader import iter_samples
 from vlm_train.train import loss as L
 from vlm_train.train.builders import build_data, build_model
 from vlm_train.train.config import EvalConfig
-from vlm_train.train.heldout import HeldoutEvaluator
+from vlm_train.train.evaluator import HeldoutEvaluator
 
 from conftest import make_config
 from helpers import encoder
 from tools_helpers import save_run, small_model, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
-from tools.evaluate import main  # noqa: E402
+from vlm_train.cli.evaluate import main  # noqa: E402
 
 MAX_DECODE = 1 << 26
 CAPTIONS = ["a red square", "two blue rings on the left", "a cross", "a small yellow triangle"]
@@ -48,10 +48,8 @@ def test_heldout_loss_is_the_token_mean_per_source_and_task(model, shards):
     evaluator = HeldoutEvaluator(
         {"a": [shards[0]], "b": [shards[1]]},
         enc,
-        EvalConfig(num_caption=0, num_grounding=0),
+        EvalConfig(num_caption=0, num_grounding=0, num_loss=5, tokens_per_pack=200),
         MAX_DECODE,
-        num_loss_samples=5,
-        tokens_per_pack=200,
     )
     metrics = evaluator(model, torch.device("cpu"))
     assert len(evaluator.loss_packs()) > 1  # several packs, each with several samples
@@ -82,31 +80,29 @@ def test_heldout_loss_is_the_token_mean_per_source_and_task(model, shards):
 
 def test_caption_exact_match_counts_answers_equal_to_the_reference(model, tmp_path):
     """Captions set to the model's own answers score 1, another caption 0: 2 of 3 exactly."""
-    cfg = EvalConfig(num_caption=3, num_grounding=2, max_new_tokens=6, prompts_per_pack=2)
+    cfg = EvalConfig(num_caption=3, num_grounding=2, max_new_tokens=6, prompts_per_pack=2, num_loss=0)
     first = HeldoutEvaluator(
-        [write_shard(tmp_path / "x.tar", CAPTIONS[:3], BOXES)], encoder(), cfg, MAX_DECODE, num_loss_samples=0
+        [write_shard(tmp_path / "x.tar", CAPTIONS[:3], BOXES)], encoder(), cfg, MAX_DECODE
     ).evaluate(model, torch.device("cpu"))
     answers = [p.generated for p in first.predictions if p.task == "caption"]
     assert len(answers) == 3 and all(answers) and len(set(answers)) == 3
     # The same images (same seeds), now captioned with the first two answers.
     shard = write_shard(tmp_path / "y.tar", [answers[0], answers[1], "not what it says"], BOXES)
-    result = HeldoutEvaluator([shard], encoder(), cfg, MAX_DECODE, num_loss_samples=0).evaluate(
-        model, torch.device("cpu")
-    )
+    result = HeldoutEvaluator([shard], encoder(), cfg, MAX_DECODE).evaluate(model, torch.device("cpu"))
     metrics = result.metrics
     assert metrics["heldout_exact_match"] == pytest.approx(2 / 3) and metrics["heldout_exact_match_n"] == 3
     assert metrics["heldout_grounding_acc_n"] == 2 and 0 <= metrics["heldout_grounding_acc"] <= 1
     assert [p.correct for p in result.predictions if p.task == "caption"] == [True, True, False]
-    assert "heldout_loss" not in metrics  # num_loss_samples=0: no loss pass
+    assert "heldout_loss" not in metrics  # num_loss=0: no loss pass
 
 
 def test_periodic_evaluator_from_the_trainer_setup(tmp_path):
     """What the trainer calls every few steps: samples read once, mode kept, same figures for the same weights."""
-    cfg = make_config("eval.num_caption=2", "eval.num_grounding=2", "eval.max_new_tokens=4")
+    cfg = make_config("eval.num_caption=2", "eval.num_grounding=2", "eval.max_new_tokens=4", "eval.num_loss=6")
     setup = build_data(cfg.data, cfg.model)
     torch.manual_seed(0)
     model = build_model(cfg.model, setup).train()
-    evaluator = HeldoutEvaluator.from_setup(setup, cfg.eval, cfg.data.image.max_decode_pixels, num_loss_samples=6)
+    evaluator = HeldoutEvaluator.from_setup(setup, cfg.eval, cfg.data.image.max_decode_pixels)
     first = evaluator(model, torch.device("cpu"))
     assert model.training
     assert first["heldout_exact_match_n"] == 2 and first["heldout_grounding_acc_n"] == 2

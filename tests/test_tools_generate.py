@@ -19,7 +19,7 @@ from helpers import encoder, sample, tiny_tokenizer
 from tools_helpers import image_file, save_run, small_model
 
 ROOT = Path(__file__).resolve().parents[1]
-from tools.generate import main  # noqa: E402
+from vlm_train.cli.generate import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +147,7 @@ def test_generate_tool_on_our_checkpoint_and_its_hf_export(model, tmp_path, caps
     assert result["answer"] == tiny_tokenizer().decode(result["tokens"], skip_special_tokens=True).strip()
     assert main([str(tmp_path / "run"), *args, "--no-cache"])["tokens"] == result["tokens"]
 
-    from tools.convert_hf import main as convert
+    from vlm_train.cli.convert_hf import main as convert
 
     convert(["to-hf", str(tmp_path / "run"), str(tmp_path / "hf")])
     capsys.readouterr()

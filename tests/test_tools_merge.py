@@ -21,7 +21,7 @@ from helpers import encoder, sample, tiny_tokenizer
 from tools_helpers import save_run, small_model
 
 ROOT = Path(__file__).resolve().parents[1]
-from tools.merge_checkpoints import CheckpointMismatch, main  # noqa: E402
+from vlm_train.cli.merge_checkpoints import CheckpointMismatch, main  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ def test_stages_in_tokens_wsd_and_the_metrics_of_a_step(tmp_path):
         "curriculum.stages.1.steps=0",
         "curriculum.stages.1.tokens=2500",  # packs of 1024 tokens: 3 steps
         "curriculum.stages.1.schedule=wsd",
-        "curriculum.stages.1.lr_scale.vision=0.5",
-        "curriculum.stages.1.data.llm_budget=1024",
+        "+curriculum.stages.1.lr_scale.vision=0.5",
+        "+curriculum.stages.1.data.pack.llm_budget=1024",
         "eval.enabled=false",
         "logger.peak_tflops=0.5",  # no GPU here: a configured peak gives an MFU
     )
@@ -73,8 +73,8 @@ def test_a_stage_sets_the_mixture_and_bad_samples_are_counted_per_source(tmp_pat
         "data.pack.buffer_size=16",
     )
     cfg.data.sources = [SourceConfig(name="web", urls="::".join(urls))]
-    cfg.curriculum.stages[0].data.mixture = {"web": 1.0}  # stage 1 reads only web, stage 2 only shapes
-    cfg.curriculum.stages[1].data.mixture = {"shapes_caption": 1.0}
+    cfg.curriculum.stages[0].data["mixture"] = {"web": 1.0}  # stage 1 reads only web, stage 2 only shapes
+    cfg.curriculum.stages[1].data["mixture"] = {"shapes_caption": 1.0}
     run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     sources = [sorted(k for k in r if k.startswith("loss/source/")) for r in rows]
@@ -85,7 +85,7 @@ def test_a_stage_sets_the_mixture_and_bad_samples_are_counted_per_source(tmp_pat
 
 
 def test_single_engine_refuses_several_processes(tmp_path):
-    cfg = make_config(f"run.dir={tmp_path}")
+    cfg = make_config(f"run.dir={tmp_path}", "engine=single")
     os.environ["WORLD_SIZE"] = "2"
     try:
         with pytest.raises(RuntimeError, match="one process"):

@@ -11,8 +11,8 @@ import webdataset as wds
 from omegaconf import OmegaConf
 
 from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
-from vlm_train.train.checkpoint import save_checkpoint
-from vlm_train.train.config import Config
+from vlm_train.train.checkpoint import Checkpointer
+from vlm_train.train.config import CheckpointConfig, Config
 
 from helpers import encoder, noise_image, tiny_tokenizer
 
@@ -47,7 +47,7 @@ def save_run(run: Path, model: VLM, step: int = 5, **data: object) -> Path:
     for key, value in data.items():
         setattr(config.data, key, value)
     config_yaml = OmegaConf.to_yaml(OmegaConf.structured(config))
-    return save_checkpoint(run, step, model, None, {"step": step}, config_yaml, tiny_tokenizer(), keep_last=0)
+    return Checkpointer(run, CheckpointConfig(keep_last=0)).save(step, model, config_yaml, tiny_tokenizer())
 
 
 def image_file(folder: Path, name: str, width: int, height: int, seed: int) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import tempfile
 import time
@@ -32,6 +31,7 @@ from vlm_train.data.packer import Packer
 from vlm_train.data.synthetic import corpus_lines
 from vlm_train.data.tar_reader import iter_shard
 from vlm_train.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+from vlm_train.jsonio import dumps
 
 WORDS = [
     "a",
@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         }
         if not args.no_stages:
             result["stages_one_core"] = _stages(urls, encoder, cfg, limit=min(total, 200))
-    print(json.dumps(result, indent=2))
+    print(dumps(result, indent=2))
     return result
 
 

@@ -10,13 +10,13 @@ the README's packing table can be re-made with one command.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 from collections.abc import Sequence
 
 from vlm_train.data.pack_planner import Budget
+from vlm_train.jsonio import dumps
 
 try:
     from tools.pack_mix import write_mix
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_mix(mix, args.samples, args.seed)
         runs = {str(buffer): simulate(length_items(mix, budget), budget, buffer).summary() for buffer in args.buffers}
     print(
-        json.dumps(
+        dumps(
             {
                 "samples": args.samples,
                 "seed": args.seed,

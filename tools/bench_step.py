@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import multiprocessing
 import os
 import resource
@@ -47,6 +46,7 @@ from vlm_train.data.pack_planner import Budget
 from vlm_train.data.synthetic import corpus_lines
 from vlm_train.data.tokenizer import build_tiny_tokenizer, special_ids
 from vlm_train.data.truncate import truncate
+from vlm_train.jsonio import dumps
 from vlm_train.model.config import ModelConfig
 from vlm_train.model.llm import DecoderLayer, DecoderLM
 from vlm_train.model.vlm import VLM
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         equal["overhead"] = equal["packed"]["step_time_s"] / equal["padded"]["step_time_s"] - 1
         result["equal_length"] = equal
     result["load_avg_after"] = list(os.getloadavg())
-    print(json.dumps(result, indent=2))
+    print(dumps(result, indent=2))
     return result
 
 

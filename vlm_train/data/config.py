@@ -54,6 +54,9 @@ class ImageConfig:
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
+    # Source name -> weight, in place of the sources' own weights; sources not named drop out (empty: their own).
+    # A curriculum stage sets it to change the mixture from its first pack on.
+    mixture: dict[str, float] = field(default_factory=dict)
     heldout_urls: str = ""  # shards for held-out evaluation
     use_synthetic: bool = False  # add the built-in synthetic shapes dataset (made once, then cached)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
 from transformers import PreTrainedTokenizerBase
 
 from vlm_train.data.config import DataConfig
@@ -81,14 +80,3 @@ def build_model(model: ModelConfig, setup: DataSetup, load_hf: bool = True) -> V
     if load_hf:
         apply_hf_init(vlm, model)  # model.init_*_from_hf: start from released Hugging Face weights
     return vlm
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """engine.device as a torch device; a GPU is this process's own (LOCAL_RANK under torchrun)."""
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"engine.device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("engine.device=cuda but no CUDA device is available")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", local_rank)

@@ -1,14 +1,16 @@
-"""Checkpoints that count only once complete: written under a temporary name, renamed last, last k kept.
+"""Checkpoints of a run, by one component: the parts of the training state register with it, and it owns the
+layout on disk, the atomic save, keep_last, the checks that a launch can resume, and the lookup of the newest
+complete checkpoint (tools use the same lookup).
 
-Layout of checkpoints/step_XXXXXXXX/:
+Layout of RUN/checkpoints/step_XXXXXXXX/:
   model.safetensors            full model weights (rank 0)
-  optimizer_rankNNNNN.pt       each rank's optimizer state (tensors and numbers: torch.load(weights_only=True))
-  rng_rankNNNNN.pt             each rank's RNG states (tensors)
-  loader_rankNNNNN.json        each rank's data-loader state
-  trainer_state.json           step, curriculum position, guard state, world size, engine
+  trainer_state.json           step, the launch (world size, engine, ZeRO stage) and the shared parts' states
+                               (position in the curriculum, guard)
+  NAME_rankNNNNN.pt | .json    each per-rank part's state: optimizer and rng as tensors (.pt), loader as JSON
   config.yaml, tokenizer/      the resolved config as YAML text, the tokenizer
-Nothing is pickled. Every rank writes into the same temporary folder (run.dir must be on a filesystem all ranks
-share); rank 0 renames it once every rank is done.
+Nothing is pickled: .pt files load with torch.load(weights_only=True). Every rank writes into one temporary folder
+(run.dir must be on a filesystem all ranks share); rank 0 renames it once every rank is done, so a checkpoint is
+visible only when complete, and a run killed during a save leaves the previous one usable.
 """
 
 from __future__ import annotations
@@ -16,96 +18,104 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from vlm_train.jsonio import dumps
+from vlm_train.train import distributed as D
+from vlm_train.train.config import CheckpointConfig
+
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+MODEL_FILE = "model.safetensors"
 TRAINER_STATE = "trainer_state.json"
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read: missing, truncated or damaged."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What a resumed launch must share with the one that saved: per-rank states only fit the same ranks."""
+
+    world_size: int = 1
+    engine: str = "single"
+    zero_stage: int | None = None  # None for the single engine
+
+    def state(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "engine": self.engine, "zero_stage": self.zero_stage}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Launch:
+        engine = str(state["engine"])
+        return cls(int(state["world_size"]), engine, None if engine == "single" else state.get("zero_stage"))
+
+    def describe(self) -> str:
+        zero = f" zero_stage={self.zero_stage}" if self.zero_stage is not None else ""
+        return f"{self.world_size} rank(s) with engine={self.engine}{zero}"
+
+
+@dataclass
+class Resume:
+    """A checkpoint to continue from; `state` (trainer_state.json) is None for weights only (e.g. converted)."""
+
+    folder: Path
+    state: dict[str, Any] | None
+
+
+@dataclass
+class _Part:
+    part: Stateful
+    per_rank: bool
+    tensors: bool
+
+
+class RandomState:
+    """This process's torch RNG (and the GPU's) as a checkpoint part. A restored state waits for `apply()`, which
+    the trainer calls right before the first step it was saved for (building a stage's engine may draw numbers)."""
+
+    def __init__(self) -> None:
+        self._restored: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._restored = state
+
+    def apply(self) -> None:
+        """Set the restored state, if any (once)."""
+        state, self._restored = self._restored, None
+        if state is not None:
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---- the run folder's checkpoints -----------------------------------------------------------------------------
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def rank_file(folder: Path, kind: str, rank: int, suffix: str) -> Path:
-    return folder / f"{kind}_rank{rank:05d}.{suffix}"
-
-
 def step_of(checkpoint: Path) -> int:
     return int(checkpoint.name[len(PREFIX) :])
-
-
-def staging_folder(run_dir: str | Path, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"{TMP_PREFIX}{PREFIX}{step:08d}"
-
-
-def begin(run_dir: str | Path, step: int) -> Path:
-    """A fresh, empty temporary folder for the checkpoint of `step` (call on one rank)."""
-    tmp = staging_folder(run_dir, step)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit(run_dir: str | Path, step: int, keep_last: int) -> Path:
-    """Make the checkpoint of `step` visible (one rename) and prune older ones (call on one rank)."""
-    root = checkpoint_dir(run_dir)
-    final = root / f"{PREFIX}{step:08d}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(staging_folder(run_dir, step), final)  # the checkpoint becomes visible only now, complete
-    prune_checkpoints(root, keep_last)
-    return final
-
-
-def save_rng(folder: Path, rank: int) -> None:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    torch.save(state, rank_file(folder, "rng", rank, "pt"))
-
-
-def load_rng(folder: Path, rank: int) -> None:
-    state = torch.load(rank_file(folder, "rng", rank, "pt"), weights_only=True)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=1))
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
-def save_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    trainer_state: dict[str, Any],
-    config_yaml: str,
-    tokenizer=None,
-    keep_last: int = 2,
-) -> Path:
-    """A complete single-process checkpoint for `step` (model, optimizer, RNG, state); returns its folder."""
-    tmp = begin(run_dir, step)
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), rank_file(tmp, "optimizer", 0, "pt"))
-    save_rng(tmp, 0)
-    write_json(tmp / TRAINER_STATE, trainer_state)
-    (tmp / "config.yaml").write_text(config_yaml)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-    return commit(run_dir, step, keep_last)
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -117,20 +127,206 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=step_of)
 
 
-def prune_checkpoints(root: Path, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    for old in complete_checkpoints(root.parent)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder as given, or the newest complete checkpoint of a run folder."""
+    path = Path(path).expanduser()
+    if (path / MODEL_FILE).is_file():
+        return path
+    found = complete_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(
+            f"{path}: neither a checkpoint folder ({MODEL_FILE}) nor a run folder with complete checkpoints under "
+            "checkpoints/"
+        )
+    return found[-1]
+
+
+def publish(tmp: Path, final: Path) -> Path:
+    """Make a fully written folder visible under its final name in one rename (replacing an older one)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def _recovery_hint(folder: Path) -> str:
+    older = [p for p in complete_checkpoints(folder.parent.parent) if p != folder and step_of(p) < _step_or(folder)]
+    if older:
+        return (
+            f"resume from an earlier checkpoint with train.resume={older[-1]}, or start afresh with train.resume=never"
+        )
+    return "no earlier complete checkpoint is there: start afresh with train.resume=never (or another run.dir)"
+
+
+def _step_or(folder: Path) -> int:
+    return step_of(folder) if folder.name.startswith(PREFIX) and folder.name[len(PREFIX) :].isdigit() else 1 << 62
+
+
+def read_checkpoint_file(path: Path, read: Callable[[Path], Any], what: str) -> Any:
+    """`read(path)`, or an error naming the file and saying what to do when it is missing or damaged."""
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete; {_recovery_hint(path.parent)}")
+    try:
+        return read(path)
+    except Exception as exc:  # truncated zip, bad JSON, safetensors header errors: all mean a damaged file
+        raise CheckpointError(
+            f"{path} ({what}) cannot be read, it is truncated or damaged ({type(exc).__name__}: {exc}); "
+            f"{_recovery_hint(path.parent)}"
+        ) from exc
+
+
+def read_json(path: Path, what: str = "JSON state") -> Any:
+    return read_checkpoint_file(path, lambda p: json.loads(p.read_text()), what)
+
+
+def read_tensors(path: Path, what: str) -> Any:
+    return read_checkpoint_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True), what)
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path) -> None:
     """Load model.safetensors into `model`; missing or unexpected weights are an error naming them."""
-    path = Path(checkpoint) / "model.safetensors"
+    path = Path(checkpoint) / MODEL_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"no model.safetensors in checkpoint {checkpoint}")
-    missing, unexpected = load_model(model, str(path), strict=False)
+        raise FileNotFoundError(f"no {MODEL_FILE} in checkpoint {checkpoint}")
+    missing, unexpected = read_checkpoint_file(path, lambda p: load_model(model, str(p), strict=False), "weights")
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {checkpoint} does not match the model: missing {missing}, unexpected {unexpected}"
         )
+
+
+# ---- the component ---------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores the registered parts and the model weights of one run folder, on every rank.
+
+    A part registered `per_rank` is saved by every rank in its own file (`tensors`: torch.save of tensors and
+    numbers, else JSON); the others are the same on every rank and go into trainer_state.json from rank 0.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: CheckpointConfig | None = None,
+        dist: D.DistInfo | None = None,
+        launch: Launch | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg or CheckpointConfig()
+        self.dist = dist or D.DistInfo()
+        self.launch = launch or Launch()
+        self.parts: dict[str, _Part] = {}
+
+    def register(self, name: str, part: Stateful, per_rank: bool = False, tensors: bool = False) -> None:
+        if name in self.parts:
+            raise ValueError(f"checkpoint part {name!r} registered twice")
+        self.parts[name] = _Part(part, per_rank, tensors)
+
+    def _rank_file(self, folder: Path, name: str, rank: int) -> Path:
+        return folder / f"{name}_rank{rank:05d}.{'pt' if self.parts[name].tensors else 'json'}"
+
+    # ---- save -----------------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        model: nn.Module | None,
+        config_yaml: str = "",
+        tokenizer: Any = None,
+        info: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write checkpoint `step` (call on every rank; `model`, the full weights, is needed on rank 0 only) and
+        keep the last `checkpoint.keep_last`; returns its folder."""
+        root = checkpoint_dir(self.run_dir)
+        tmp, final = root / f"{TMP_PREFIX}{PREFIX}{step:08d}", root / f"{PREFIX}{step:08d}"
+        main = self.dist.is_main
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        D.barrier()
+        if main:
+            if model is None:
+                raise ValueError("Checkpointer.save needs the model's weights on rank 0")
+            save_model(model, str(tmp / MODEL_FILE))  # handles tied embeddings
+            state = {"step": step, **self.launch.state(), **(info or {})}
+            state.update({name: p.part.state_dict() for name, p in self.parts.items() if not p.per_rank})
+            (tmp / TRAINER_STATE).write_text(dumps(state, indent=1))
+            (tmp / "config.yaml").write_text(config_yaml)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        for name, p in self.parts.items():
+            if p.per_rank:
+                path = self._rank_file(tmp, name, self.dist.rank)
+                if p.tensors:
+                    torch.save(p.part.state_dict(), path)
+                else:
+                    path.write_text(dumps(p.part.state_dict()))
+        D.barrier()
+        if main:
+            publish(tmp, final)
+            self._prune()
+        D.barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self.cfg.keep_last > 0:
+            for old in complete_checkpoints(self.run_dir)[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # ---- resume ---------------------------------------------------------------------------------------------
+
+    def find(self, resume: str) -> Path | None:
+        """train.resume: auto (the newest complete checkpoint of the run folder, if any), never, or a folder."""
+        if resume in ("", "never", "none", "false"):
+            return None
+        if resume == "auto":
+            found = complete_checkpoints(self.run_dir)
+            return found[-1] if found else None
+        folder = Path(resume).expanduser()
+        if not (folder / MODEL_FILE).is_file():
+            raise FileNotFoundError(
+                f"train.resume={resume}: not a complete checkpoint folder (no {MODEL_FILE}); use auto, never, or a "
+                "checkpoints/step_XXXXXXXX folder"
+            )
+        return folder
+
+    def resume_point(self, resume: str) -> Resume | None:
+        """The checkpoint rank 0 picked (every rank gets the same), checked against this launch."""
+        folder = D.broadcast_object(self.find(resume))
+        if folder is None:
+            return None
+        state_file = folder / TRAINER_STATE
+        state = read_json(state_file, "trainer state") if state_file.is_file() else {}
+        if "position" not in state:
+            return Resume(folder, None)  # weights only: it initialises the model
+        saved = Launch.from_state(state)
+        if saved != self.launch:
+            raise ValueError(
+                f"checkpoint {folder} was saved by {saved.describe()}, but this launch has {self.launch.describe()}: "
+                "the optimizer and data-loader states are per rank, so resume with the same launch (or "
+                "train.resume=never)"
+            )
+        return Resume(folder, state)
+
+    def load_model(self, model: nn.Module, folder: Path) -> None:
+        load_model_weights(model, folder)
+
+    def load(self, resume: Resume) -> None:
+        """Give every registered part its saved state."""
+        assert resume.state is not None, "a weights-only checkpoint has no training state"
+        for name, p in self.parts.items():
+            if not p.per_rank:
+                if name not in resume.state:
+                    raise CheckpointError(
+                        f"{resume.folder / TRAINER_STATE} has no {name!r} state; {_recovery_hint(resume.folder)}"
+                    )
+                p.part.load_state_dict(resume.state[name])
+                continue
+            path = self._rank_file(resume.folder, name, self.dist.rank)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} is missing: the checkpoint was saved by fewer ranks than this launch has"
+                )
+            reader = read_tensors if p.tensors else read_json
+            p.part.load_state_dict(reader(path, f"{name} state of rank {self.dist.rank}"))

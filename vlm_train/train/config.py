@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -32,29 +32,6 @@ class LossConfig:
 
 
 @dataclass
-class StageLossConfig:
-    """A stage's changes to the loss config; null (or an empty dict) keeps the run's value."""
-
-    averaging: Optional[str] = None
-    per_sample_weight: Optional[float] = None
-    position_power: Optional[float] = None
-    source_weights: dict[str, float] = field(default_factory=dict)  # empty: the run's
-    importance_field: Optional[str] = None
-
-
-@dataclass
-class StageDataConfig:
-    """A stage's changes to the data; empty / null keeps the data config's value."""
-
-    mixture: dict[str, float] = field(default_factory=dict)  # source name -> weight; unnamed sources drop out
-    llm_budget: Optional[int] = None  # data.pack.llm_budget
-    vit_budget: Optional[int] = None  # data.pack.vit_budget
-    max_images: Optional[int] = None  # data.pack.max_images
-    min_pixels: Optional[int] = None  # data.image.min_pixels
-    max_pixels: Optional[int] = None  # data.image.max_pixels
-
-
-@dataclass
 class StageConfig:
     name: str = MISSING
     steps: int = 0  # optimizer steps in this stage, or
@@ -67,8 +44,10 @@ class StageConfig:
     min_lr_ratio: float = 0.1  # cosine and wsd decay to lr * min_lr_ratio
     decay_fraction: float = 0.2  # wsd: the last share of the stage that decays
     decay_shape: str = "linear"  # wsd: linear | cosine | sqrt (1 - sqrt)
-    data: StageDataConfig = field(default_factory=StageDataConfig)
-    loss: StageLossConfig = field(default_factory=StageLossConfig)
+    # Partial configs merged onto the run's `data` and `loss` for this stage, checked against the same schema:
+    # e.g. data: {mixture: {laion: 1.0}, pack: {llm_budget: 512}, image: {max_pixels: 6272}}, loss: {averaging: token}
+    data: dict[str, Any] = field(default_factory=dict)
+    loss: dict[str, Any] = field(default_factory=dict)
 
 
 def _default_groups() -> dict[str, list[str]]:
@@ -84,10 +63,12 @@ class CurriculumConfig:
 
 @dataclass
 class EngineConfig:
-    name: str = "single"  # single (one process, CPU or one GPU) | deepspeed (under torchrun)
+    # auto: single in one process, deepspeed when torchrun starts several | single (one process, CPU or one GPU) |
+    # deepspeed (under torchrun)
+    name: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
-    zero_stage: int = 0  # deepspeed: ZeRO stage 0-3
+    zero_stage: int = 2  # deepspeed: ZeRO stage 0-3
     bf16: str = "auto"  # auto (on with CUDA) | true | false; bf16 needs a GPU
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
 
@@ -129,6 +110,10 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     enabled: bool = True  # held-out evaluation at the end of the run
+    interval: int = 0  # also every N optimizer steps, into that step's metrics (0: off)
+    at_stage_end: bool = False  # also after the last step of every stage
+    num_loss: int = 64  # held-out samples of each set for the teacher-forced loss (0: no loss)
+    tokens_per_pack: int = 4096  # LLM tokens per pack for the loss
     num_caption: int = 200  # held-out caption samples scored by exact match
     num_grounding: int = 200  # held-out grounding samples scored by IoU >= 0.5
     max_new_tokens: int = 32

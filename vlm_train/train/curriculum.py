@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 from torch import nn
 
 from vlm_train.data.config import DataConfig
@@ -13,9 +18,12 @@ from vlm_train.train.loss import check_loss
 from vlm_train.train.schedule import DECAY_SHAPES, SCHEDULES, lr_factor
 
 OTHER_GROUP = "other"  # parameters that match no group of curriculum.groups
+T = TypeVar("T")
 
 
-def validate_curriculum(cfg: CurriculumConfig, model: nn.Module, loss: LossConfig | None = None) -> None:
+def validate_curriculum(
+    cfg: CurriculumConfig, model: nn.Module, loss: LossConfig | None = None, data: DataConfig | None = None
+) -> None:
     """Clear errors for an empty curriculum, bad lengths and schedules, unknown groups, patterns matching nothing."""
     if not cfg.stages:
         raise ValueError("curriculum.stages is empty: a run needs at least one stage")
@@ -51,7 +59,9 @@ def validate_curriculum(cfg: CurriculumConfig, model: nn.Module, loss: LossConfi
                     f"{where}: trainable pattern {pattern!r} matches no parameter (try vision.*, projector.*, llm.*)"
                 )
         if loss is not None:
-            check_loss(stage_loss(loss, stage), where)
+            check_loss(stage_loss(loss, stage, where), where)
+        if data is not None:
+            stage_data(data, stage, where).pack.budget()  # bad keys, types and budgets are errors now, not later
 
 
 def set_trainable(model: nn.Module, patterns: list[str]) -> list[nn.Parameter]:
@@ -98,17 +108,59 @@ def group_lrs(stage: StageConfig, step_in_stage: int, tokens_in_stage: int, grou
     return {g["name"]: base * g["lr_scale"] for g in groups}
 
 
-def stage_loss(loss: LossConfig, stage: StageConfig) -> LossConfig:
-    """The run's loss config with the stage's non-null (non-empty) fields."""
-    changes = {k: v for k, v in dataclasses.asdict(stage.loss).items() if v is not None and v != {}}
-    return dataclasses.replace(loss, **changes)
+# Data keys a stage may not change: the loader's shard split and the model's tokenizer are fixed for the run.
+RUN_WIDE_DATA_KEYS = (
+    "sources",
+    "heldout_urls",
+    "use_synthetic",
+    "synthetic",
+    "tokenizer",
+    "num_workers",
+    "shuffle_buffer",
+    "allow_pipe",
+)
 
 
-def stage_data(data: DataConfig, stage: StageConfig) -> DataConfig:
-    """The data config with the stage's pack budgets and resolution range (the mixture is set on the loader)."""
-    over = stage.data
-    pack = {k: getattr(over, k) for k in ("llm_budget", "vit_budget", "max_images") if getattr(over, k) is not None}
-    image = {k: getattr(over, k) for k in ("min_pixels", "max_pixels") if getattr(over, k) is not None}
-    return dataclasses.replace(
-        data, pack=dataclasses.replace(data.pack, **pack), image=dataclasses.replace(data.image, **image)
-    )
+def merge_partial(base: T, overrides: Mapping[str, Any], where: str) -> T:
+    """`base` (a config dataclass) with the partial config `overrides` merged on, checked by the same dataclass."""
+    if not overrides:
+        return base
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.create(dict(overrides)))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except ConfigKeyError as exc:
+        key = str(exc.full_key or exc.key)
+        near = difflib.get_close_matches(key, _keys(base), n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ValueError(f"{where}.{key}: not a key of {type(base).__name__}{hint}") from None
+    except ValidationError as exc:
+        raise ValueError(f"{where}.{exc.full_key}: {exc.msg.splitlines()[0]}") from None
+
+
+def _keys(config: Any, prefix: str = "") -> list[str]:
+    """Every key path of a config dataclass (pack.llm_budget, image.token_drop.prob, ...)."""
+    keys = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _keys(value, f"{prefix}{f.name}.")
+    return keys
+
+
+def stage_loss(loss: LossConfig, stage: StageConfig, where: str = "stage") -> LossConfig:
+    """The run's loss config with the stage's `loss` overrides."""
+    return merge_partial(loss, stage.loss, f"{where}.loss")
+
+
+def stage_data(data: DataConfig, stage: StageConfig, where: str = "stage") -> DataConfig:
+    """The run's data config with the stage's `data` overrides merged on (pack budgets, image settings, ...)."""
+    fixed = sorted(set(stage.data) & set(RUN_WIDE_DATA_KEYS))
+    if fixed:
+        raise ValueError(
+            f"{where}.data: {fixed} cannot change within a run (the loader's shards and state depend on them); "
+            "a stage changes the mixture, pack budgets, image settings or system prompt"
+        )
+    if "mixture" in stage.data:  # a stage's mixture replaces the run's: the sources it does not name drop out
+        data = dataclasses.replace(data, mixture={})
+    return merge_partial(data, stage.data, f"{where}.data")

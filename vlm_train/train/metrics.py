@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
 
+from vlm_train.jsonio import dumps
 from vlm_train.train.config import LoggerConfig
 from vlm_train.train.schedule import Position
 from vlm_train.train.step import StepResult
@@ -69,10 +69,6 @@ def step_record(
     return record
 
 
-def _json_safe(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
 class MetricsLogger:
     """One `log(metrics)` per optimizer step; every sink sees the same numbers. Off on ranks other than 0."""
 
@@ -91,6 +87,8 @@ class MetricsLogger:
         self.start = time.perf_counter()
         self.start_step = start_step
         self.last: dict[str, Any] = {}
+        if enabled:
+            truncate_metrics(run_dir, start_step)  # steps after it will be trained (again) by this launch
         self.file = open(run_dir / METRICS_FILE, "a", encoding="utf-8") if enabled else None
         self.wandb_run = None
         if cfg.wandb and enabled:
@@ -116,7 +114,7 @@ class MetricsLogger:
         step = int(metrics["step"])
         assert self.file is not None
         # NaN is not JSON: a skipped step's loss is written as null (the console still says nan).
-        self.file.write(json.dumps({k: _json_safe(v) for k, v in metrics.items()}) + "\n")
+        self.file.write(dumps(metrics) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in metrics.items() if k != "step" and v is not None}, step=step)

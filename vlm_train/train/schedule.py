@@ -85,9 +85,9 @@ class Position:
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
 
-    @classmethod
-    def from_state(cls, state: dict[str, int]) -> Position:
-        return cls(**{k: int(v) for k, v in state.items()})
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key, value in state.items():
+            setattr(self, key, int(value))
 
 
 def estimate_total_steps(stages: list[StageConfig], position: Position, tokens_per_step: float) -> int:

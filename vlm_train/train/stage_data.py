@@ -1,9 +1,9 @@
 """This rank's packs through the curriculum: the loader is rebuilt (its state carried over) when a stage changes the
-pack budgets or the resolution range, and its mixture is set at every stage start."""
+pack budgets, the image settings or the system prompt, and its mixture is set at every stage start."""
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 from typing import Any
 
 from vlm_train.data.batch import PackedBatch
@@ -15,11 +15,9 @@ from vlm_train.train.config import StageConfig
 from vlm_train.train.curriculum import stage_data
 from vlm_train.train.guards import FaultInjector
 
-log = logging.getLogger("vlm_train")
-
 
 class RankData:
-    """The data loader of one rank, through the stages of the curriculum."""
+    """The data loader of one rank, through the stages of the curriculum; a checkpoint part (the loader state)."""
 
     def __init__(
         self,
@@ -34,18 +32,22 @@ class RankData:
         self.setup, self.base, self.model = setup, data, model
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.faults = faults
-        self.cfg: DataConfig | None = None
+        self.cfg: DataConfig | None = None  # the current stage's data config, mixture aside
         self.loader: PackedLoader | None = None
+        self._restored: dict[str, Any] | None = None
 
-    def enter(self, stage: StageConfig, state: dict[str, Any] | None = None) -> None:
-        """Make the loader for `stage`, from `state` (a checkpoint's) or from where the previous stage left it."""
-        cfg = stage_data(self.base, stage)
-        if self.loader is not None and state is None:
-            state = self.loader.state_dict() if cfg != self.cfg else None
+    def enter(self, stage: StageConfig) -> None:
+        """Make the loader for `stage`: from a restored state, or from where the previous stage left it."""
+        stage_cfg = stage_data(self.base, stage)
+        cfg = dataclasses.replace(stage_cfg, mixture={})  # a new mixture needs no new loader
+        state, self._restored = self._restored, None
+        if self.loader is not None and state is None and cfg != self.cfg:
+            state = self.loader.state_dict()
         if self.loader is None or cfg != self.cfg or state is not None:
             if self.loader is not None:
                 self.loader.close()
-            encoder = build_encoder(self.setup.tokenizer, cfg, self.model) if cfg.image != self.base.image else None
+            changed = (cfg.image, cfg.system_prompt) != (self.base.image, self.base.system_prompt)
+            encoder = build_encoder(self.setup.tokenizer, cfg, self.model) if changed else None
             stream = build_stream(self.setup, cfg, self.seed, self.rank, self.world_size, encoder)
             self.loader = build_loader(self.faults.wrap_stream(stream), cfg.num_workers)
             self.cfg = cfg
@@ -54,23 +56,27 @@ class RankData:
                     self.loader.load_state_dict(state)
                 except ValueError as exc:
                     raise ValueError(
-                        f"stage {stage.name!r}: the data loader cannot continue under this stage's "
-                        f"data overrides ({exc})"
+                        f"stage {stage.name!r}: the data loader cannot continue under this stage's data overrides "
+                        f"({exc})"
                     ) from exc
-        self.loader.set_weights(dict(stage.data.mixture) or None)
+        self.loader.set_weights(dict(stage_cfg.mixture) or None)
 
     def next_packs(self, count: int) -> list[PackedBatch]:
-        assert self.loader is not None
+        assert self.loader is not None, "enter() a stage first"
         return [next(self.loader) for _ in range(count)]
 
     @property
     def budgets(self) -> tuple[int, int]:
-        assert self.cfg is not None
+        assert self.cfg is not None, "enter() a stage first"
         return self.cfg.pack.llm_budget, self.cfg.pack.vit_budget
 
     def state_dict(self) -> dict[str, Any]:
-        assert self.loader is not None
+        assert self.loader is not None, "enter() a stage first"
         return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` when the next stage is entered."""
+        self._restored = state
 
     def skipped(self) -> dict[str, int]:
         return self.loader.skipped() if self.loader is not None else {}

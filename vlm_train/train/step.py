@@ -14,7 +14,7 @@ from vlm_train.model.flops import pack_flops
 from vlm_train.train import distributed as D
 from vlm_train.train import loss as L
 from vlm_train.train.config import LossConfig
-from vlm_train.train.engine import Engine
+from vlm_train.train.engines import Engine
 from vlm_train.train.guards import NONFINITE_GRAD, Guard
 
 Sums = dict[str, tuple[float, int]]
@@ -110,7 +110,8 @@ def finish_step(engine: Engine, result: StepResult, guard: Guard, stop: bool) ->
         _merge(result.by_source, by_source)
         _merge(result.by_task, by_task)
     result.skipped = guard.check_loss(result.loss)
-    result.grad_norm, applied = engine.step(skip=result.skipped is not None)
-    if result.skipped is None and not applied:
+    report = engine.step(skip=result.skipped is not None)
+    result.grad_norm = report.grad_norm
+    if result.skipped is None and not report.applied:
         result.skipped = NONFINITE_GRAD  # the engine found the gradient norm not finite
     return result

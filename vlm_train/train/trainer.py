@@ -1,8 +1,12 @@
-"""The training run: data -> model -> curriculum of stages -> checkpoint -> held-out evaluation -> summary."""
+"""The training run: data -> model -> engine -> curriculum of stages, with checkpoints, evaluation and metrics.
+
+The trainer composes components that each own their config and state: the data loader of this rank (RankData),
+the engine (model and optimizer), the curriculum position, the guard, the RNG; they register with the
+Checkpointer, which saves and restores them. `run(cfg)` is the whole job: train, save, evaluate, summarise.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -12,16 +16,18 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from vlm_train import runtime
+from vlm_train.devices import pick_device
+from vlm_train.jsonio import dumps
 from vlm_train.train import distributed as D
-from vlm_train.train.builders import build_data, build_model, pick_device
-from vlm_train.train.checkpoint import load_model_weights, load_rng
+from vlm_train.train.builders import build_data, build_model
+from vlm_train.train.checkpoint import Checkpointer, Launch, RandomState
 from vlm_train.train.config import Config, StageConfig
 from vlm_train.train.curriculum import group_lrs, param_groups, set_trainable, stage_loss, validate_curriculum
-from vlm_train.train.engine import build_engine
-from vlm_train.train.evaluate import evaluate_and_report
+from vlm_train.train.engines import build_engine, resolve_engine
+from vlm_train.train.evaluator import PREDICTIONS_FILE, HeldoutEvaluator, HeldoutResult, print_report, write_predictions
 from vlm_train.train.guards import FaultInjector, Guard, StopSignal
-from vlm_train.train.metrics import MetricsLogger, format_duration, step_record, truncate_metrics
-from vlm_train.train.resume import Resume, loader_state, open_resume, save_training_state
+from vlm_train.train.metrics import MetricsLogger, format_duration, step_record
 from vlm_train.train.schedule import Position, estimate_total_steps
 from vlm_train.train.stage_data import RankData
 from vlm_train.train.step import StepResult, finish_step, forward_backward, pack_stats
@@ -38,16 +44,19 @@ class Trainer:
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         if dist.is_main:
             (run_dir / "config.yaml").write_text(self.config_yaml)
-        if cfg.engine.threads > 0:
-            torch.set_num_threads(cfg.engine.threads)
+        runtime.set_cpu_threads(cfg.engine.threads)
         self.device = pick_device(cfg.engine.device, dist.local_rank)
         torch.manual_seed(cfg.run.seed)
+        engine_name, zero_stage = resolve_engine(cfg.engine, dist.world_size)
+        launch = Launch(dist.world_size, engine_name, zero_stage)
+        self.checkpointer = Checkpointer(run_dir, cfg.checkpoint, dist, launch)
+        resume = self.checkpointer.resume_point(cfg.train.resume)
+
         self.setup = build_data(cfg.data, cfg.model)
-        self.resume = open_resume(run_dir, cfg.train.resume, dist.world_size, cfg.engine.name, cfg.engine.zero_stage)
-        model = build_model(cfg.model, self.setup, load_hf=self.resume is None)
-        validate_curriculum(cfg.curriculum, model, cfg.loss)
-        if self.resume is not None:
-            load_model_weights(model, self.resume.folder)
+        model = build_model(cfg.model, self.setup, load_hf=resume is None)
+        validate_curriculum(cfg.curriculum, model, cfg.loss, cfg.data)
+        if resume is not None:
+            self.checkpointer.load_model(model, resume.folder)
         self.engine = build_engine(
             cfg.engine, cfg.train, model, lambda: build_model(cfg.model, self.setup, False), self.device, dist
         )
@@ -55,51 +64,58 @@ class Trainer:
         self.data = RankData(self.setup, cfg.data, cfg.model, cfg.run.seed, dist.rank, dist.world_size, self.faults)
         self.guard = Guard(cfg.train.guard)
         self.position = Position()
+        self.rng = RandomState()
+        self.evaluator = self._make_evaluator()
+        self.last_eval: tuple[int, HeldoutResult] | None = None
+
+        self.checkpointer.register("position", self.position)
+        self.checkpointer.register("guard", self.guard)
+        self.checkpointer.register("optimizer", self.engine, per_rank=True, tensors=True)
+        self.checkpointer.register("rng", self.rng, per_rank=True, tensors=True)
+        self.checkpointer.register("loader", self.data, per_rank=True)
         self.saved_step, self.saved = -1, run_dir
-        if self.resume is not None and self.resume.state is not None:
-            self.position = Position.from_state(self.resume.state["position"])
-            _check_curriculum(self.resume.state, cfg.curriculum.stages, self.position)
-            self.guard.load_state_dict(self.resume.state["guard"])
-            self.saved_step, self.saved = self.position.step, self.resume.folder
-            if dist.is_main:
-                truncate_metrics(run_dir, self.position.step)
+        if resume is not None and resume.state is not None:
+            self.checkpointer.load(resume)
+            _check_curriculum(resume.state, cfg.curriculum.stages, self.position)
+            self.saved_step, self.saved = self.position.step, resume.folder
+        elif resume is not None:
+            log.info("initialising the weights from %s (it holds no training state)", resume.folder)
+
         self.stop = StopSignal().install()
         self.peak = device_peak_flops(self.device, cfg.logger.peak_tflops)
-        stages = cfg.curriculum.stages
-        self.metrics = MetricsLogger(
-            run_dir,
-            cfg.logger,
-            estimate_total_steps(stages, self.position, 1.0),
-            OmegaConf.to_container(OmegaConf.structured(cfg)),
-            dist.is_main,
-            self.position.step,
-        )
+        total = estimate_total_steps(cfg.curriculum.stages, self.position, 1.0)
+        config = OmegaConf.to_container(OmegaConf.structured(cfg))
+        self.metrics = MetricsLogger(run_dir, cfg.logger, total, config, dist.is_main, self.position.step)
         log.info(
-            "run folder %s | model %.2fM parameters | engine %s%s | %d rank(s) | device %s%s",
+            "run folder %s | model %.2fM parameters | engine %s%s%s | %d rank(s) | device %s%s",
             run_dir,
             model.num_parameters() / 1e6,
-            cfg.engine.name,
-            f" ZeRO-{cfg.engine.zero_stage}" if cfg.engine.name == "deepspeed" else "",
+            engine_name,
+            f" ZeRO-{zero_stage}" if zero_stage is not None else "",
+            " (engine=auto)" if cfg.engine.name == "auto" else "",
             dist.world_size,
             self.device,
-            f" | resuming from {self.resume.folder}" if self.resume else "",
+            f" | resuming from {resume.folder}" if resume is not None else "",
         )
+
+    def _make_evaluator(self) -> HeldoutEvaluator | None:
+        eval_cfg = self.cfg.eval
+        wanted = eval_cfg.enabled or eval_cfg.interval > 0 or eval_cfg.at_stage_end
+        if not (wanted and self.setup.heldout_urls):
+            return None
+        return HeldoutEvaluator.from_setup(self.setup, eval_cfg, self.cfg.data.image.max_decode_pixels)
 
     # ---- the curriculum ---------------------------------------------------------------------------------------
 
     def train(self) -> str:
         """Run the stages from the current position; returns why it stopped: done, exit_at_step or signal."""
         stages = self.cfg.curriculum.stages
-        resume = self.resume if self.resume is not None and self.resume.state is not None else None
-        saved_stage = self.position.stage
         while self.position.stage < len(stages) - 1 and self.position.stage_done(stages[self.position.stage]):
             self.position.next_stage()  # the checkpoint was taken at the end of a stage
         while True:
             stage = stages[self.position.stage]
-            self._enter_stage(stage, resume, same_stage=resume is not None and saved_stage == self.position.stage)
-            if resume is not None:
-                load_rng(resume.folder, self.dist.rank)  # last, right before the first step it was saved for
-                resume = None
+            self._enter_stage(stage)
+            self.rng.apply()  # a restored RNG state, right before the first step it was saved for
             while not self.position.stage_done(stage):
                 result = self._step(stage)
                 reason = self._after_step(result)
@@ -109,18 +125,17 @@ class Trainer:
                 return "done"
             self.position.next_stage()
 
-    def _enter_stage(self, stage: StageConfig, resume: Resume | None, same_stage: bool) -> None:
-        """A new optimizer over the stage's trainable groups, the stage's data and loss; from `resume` if given."""
+    def _enter_stage(self, stage: StageConfig) -> None:
+        """A new optimizer over the stage's trainable groups (a restored one if it is this stage's), its data and
+        its loss."""
         cfg = self.cfg
 
         def make_groups(module: torch.nn.Module) -> list[dict]:
             set_trainable(module, stage.trainable)
             return param_groups(module, stage, cfg.curriculum.groups, cfg.train)
 
-        self.engine.start_stage(make_groups)
-        if resume is not None and same_stage:
-            self.engine.load_optimizer(resume.folder)
-        self.data.enter(stage, loader_state(resume.folder, self.dist.rank) if resume is not None else None)
+        self.engine.start_stage(make_groups, self.position.stage)
+        self.data.enter(stage)
         self.policy = stage_loss(cfg.loss, stage)
         # ZeRO-3 leaves a partition in each parameter; ds_numel is its full size.
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.model.parameters() if p.requires_grad)
@@ -151,9 +166,8 @@ class Trainer:
         result = finish_step(self.engine, result, self.guard, self.stop.received)
         self.position.advance(result.tokens)
         self.guard.record(self.position.step, result.loss, result.skipped)
-        self.metrics.total_steps = estimate_total_steps(
-            self.cfg.curriculum.stages, self.position, self.position.tokens / max(self.position.step, 1)
-        )
+        tokens_per_step = self.position.tokens / max(self.position.step, 1)
+        self.metrics.total_steps = estimate_total_steps(self.cfg.curriculum.stages, self.position, tokens_per_step)
         seconds = time.perf_counter() - started
         record = step_record(
             self.position,
@@ -166,7 +180,33 @@ class Trainer:
         )
         record.update(self._data_skips())
         record.update(memory_gb(self.device))
+        if self._eval_due(stage):
+            record.update(self.evaluate().metrics)
         self.metrics.log(record)
+        return result
+
+    def _eval_due(self, stage: StageConfig) -> bool:
+        interval, step = self.cfg.eval.interval, self.position.step
+        stage_end = self.cfg.eval.at_stage_end and self.position.stage_done(stage)
+        return self.evaluator is not None and ((interval > 0 and step % interval == 0) or stage_end)
+
+    def evaluate(self) -> HeldoutResult:
+        """Held-out figures of the model as it is now (on every rank: ZeRO-3 gathers weights collectively)."""
+        assert self.evaluator is not None, "no held-out data: set data.heldout_urls"
+        step = self.position.step
+        if self.last_eval is not None and self.last_eval[0] == step:
+            return self.last_eval[1]
+        result = self.evaluator.evaluate(self.engine.model, self.device)
+        self.last_eval = (step, result)
+        m = result.metrics
+        log.info(
+            "eval at step %d: heldout_loss %s | caption exact match %s | grounding acc %s | %.1fs",
+            step,
+            _figure(m.get("heldout_loss")),
+            _figure(m.get("heldout_exact_match")),
+            _figure(m.get("heldout_grounding_acc")),
+            result.seconds,
+        )
         return result
 
     def _after_step(self, result: StepResult) -> str | None:
@@ -180,11 +220,8 @@ class Trainer:
         if reason or (interval > 0 and step % interval == 0):
             self.save()
         if reason:
-            log.warning(
-                "stopping after step %d (%s); checkpoint saved, the next launch resumes",
-                step,
-                "SIGTERM" if reason == "signal" else f"train.exit_at_step={train.exit_at_step}",
-            )
+            why = "SIGTERM" if reason == "signal" else f"train.exit_at_step={train.exit_at_step}"
+            log.warning("stopping after step %d (%s); checkpoint saved, the next launch resumes", step, why)
         return reason
 
     def _data_skips(self) -> dict[str, int]:
@@ -197,34 +234,42 @@ class Trainer:
 
     def save(self) -> Path:
         stages = self.cfg.curriculum.stages
-        state = {
-            "step": self.position.step,
-            "position": self.position.state_dict(),
-            "guard": self.guard.state_dict(),
-            "world_size": self.dist.world_size,
-            "engine": self.cfg.engine.name,
-            "zero_stage": self.cfg.engine.zero_stage,
-            "stage_name": stages[self.position.stage].name,
-            "stages": [s.name for s in stages],
-        }
-        self.saved = save_training_state(
-            self.run_dir,
-            self.position.step,
-            self.engine,
-            self.data.state_dict(),
-            state,
-            self.config_yaml,
-            self.setup.tokenizer,
-            self.cfg.checkpoint.keep_last,
-        )
+        info = {"stage_name": stages[self.position.stage].name, "stages": [s.name for s in stages]}
+        model = self.engine.export_model()  # collective under ZeRO-3
+        self.saved = self.checkpointer.save(self.position.step, model, self.config_yaml, self.setup.tokenizer, info)
         self.saved_step = self.position.step
         return self.saved
+
+    def finish(self, train_seconds: float, final: Path) -> dict[str, Any]:
+        """The final held-out evaluation (every rank), then summary.json and its predictions (rank 0)."""
+        summary: dict[str, Any] = {
+            "steps": self.position.step,
+            "final_loss": self.metrics.last.get("loss"),
+            "skipped_steps": self.guard.total_skipped,
+            "train_seconds": train_seconds,
+            "checkpoint": str(final),
+            **self._data_skips(),
+        }
+        result = self.evaluate() if self.cfg.eval.enabled and self.evaluator is not None else None
+        if result is not None:
+            summary.update(result.metrics)
+        if self.dist.is_main:
+            if result is not None:
+                write_predictions(result.predictions, self.run_dir / PREDICTIONS_FILE)
+                print_report(result, self.cfg.eval.show_examples)
+            (self.run_dir / "summary.json").write_text(dumps(summary, indent=2))
+            self.metrics.summary(summary)
+        return summary
 
     def close(self) -> None:
         self.stop.uninstall()
         self.engine.close()
         self.data.close()
         self.metrics.close()
+
+
+def _figure(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _check_curriculum(state: dict[str, Any], stages: list[StageConfig], position: Position) -> None:
@@ -256,16 +301,10 @@ def shared_run_dir(run_dir: str) -> Path:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Train through every stage of the curriculum, save, evaluate, and write summary.json."""
-    world_size = D.env_info().world_size
-    if cfg.engine.name == "single" and world_size > 1:
-        raise RuntimeError(
-            f"engine=single trains in one process, but WORLD_SIZE={world_size}: launch one "
-            "process, or use engine=deepspeed under torchrun"
-        )
+    resolve_engine(cfg.engine, D.env_info().world_size)  # engine=single refuses several processes before any collective
     dist = D.init_process_group()
     run_dir = shared_run_dir(cfg.run.dir)
-    if not dist.is_main:
-        log.setLevel(logging.WARNING)  # one progress log, from rank 0
+    runtime.log_on_main_only(dist.is_main)
     trainer = Trainer(cfg, run_dir, dist)
     try:
         started = time.perf_counter()
@@ -275,27 +314,7 @@ def run(cfg: Config) -> dict[str, Any]:
             return {"steps": trainer.position.step, "stopped": reason}
         final = trainer.save() if trainer.saved_step != trainer.position.step else trainer.saved
         log.info("trained %d steps in %s; checkpoint %s", trainer.position.step, format_duration(train_seconds), final)
-        model = trainer.engine.export_model()  # collective under ZeRO-3
-        trainer.engine.close()
-        summary = _summary(trainer, train_seconds, final)
-        if dist.is_main:
-            if cfg.eval.enabled and trainer.setup.heldout_urls:
-                assert model is not None
-                summary.update(evaluate_and_report(model, trainer.setup, cfg, trainer.device, run_dir))
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            trainer.metrics.summary(summary)
-        return summary
+        return trainer.finish(train_seconds, final)
     finally:
         trainer.close()
         D.shutdown(clean=sys.exc_info()[0] is None)
-
-
-def _summary(trainer: Trainer, train_seconds: float, final: Path) -> dict[str, Any]:
-    return {
-        "steps": trainer.position.step,
-        "final_loss": trainer.metrics.last.get("loss", float("nan")),
-        "skipped_steps": trainer.guard.total_skipped,
-        "train_seconds": train_seconds,
-        "checkpoint": str(final),
-        **trainer._data_skips(),
-    }

@@ -1,4 +1,5 @@
-"""Shared by the tools: a model, its tokenizer and a prompt encoder from our checkpoint or a Hugging Face folder.
+"""A trained model for inference: the VLM, its tokenizer and a prompt encoder, from one of our checkpoints or a
+Hugging Face Qwen2.5-VL folder. Used by the generate, evaluate, convert and merge tools.
 
 Ours: checkpoints/step_XXXXXXXX/ (model.safetensors, config.yaml, tokenizer/) or a run folder (its newest
 complete checkpoint). Hugging Face: a Qwen2.5-VL folder (config.json, safetensors, tokenizer files).
@@ -18,14 +19,11 @@ from omegaconf import OmegaConf
 from vlm_train.data.config import DataConfig
 from vlm_train.data.encode import Encoder
 from vlm_train.data.image import PatchSpec
+from vlm_train.devices import dtype_of
+from vlm_train.model.config import ModelConfig
+from vlm_train.model.hf_weights import SafetensorsFolder, load_hf_weights
 from vlm_train.model.vlm import VLM
-
-try:
-    from tools.convert_hf import load_checkpoint_model, resolve_checkpoint
-except ModuleNotFoundError:  # run as a script: tools/ is on the path, the repository root may not be
-    from convert_hf import load_checkpoint_model, resolve_checkpoint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from vlm_train.train.checkpoint import MODEL_FILE, read_checkpoint_file, resolve_checkpoint
 
 
 @dataclass
@@ -45,9 +43,17 @@ def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and not (path / "config.yaml").is_file()
 
 
+def read_config(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's config.yaml as plain data."""
+    path = checkpoint / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no config.yaml (the training config saved with every checkpoint)")
+    return read_checkpoint_file(path, lambda p: yaml.safe_load(p.read_text()) or {}, "training config")
+
+
 def read_data_config(checkpoint: Path) -> DataConfig | None:
     """The `data` section of a checkpoint's config.yaml as a DataConfig (None if it has none)."""
-    config = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    config = read_config(checkpoint)
     if "data" not in config:
         return None
     try:
@@ -55,6 +61,35 @@ def read_data_config(checkpoint: Path) -> DataConfig | None:
     except Exception as exc:  # an older or newer schema: report it rather than guess
         raise ValueError(f"{checkpoint}/config.yaml: its data section does not fit this version: {exc}") from exc
     return OmegaConf.to_object(merged)
+
+
+def load_checkpoint_model(checkpoint: Path, image_token_id: int | None = None) -> tuple[VLM, Any]:
+    """Our VLM and tokenizer (or None) from a training checkpoint folder, built on meta then filled."""
+    config = read_config(checkpoint)
+    if "model" not in config:
+        raise ValueError(f"{checkpoint / 'config.yaml'} has no model section")
+    cfg = ModelConfig.from_dict(config["model"])
+    for field in ("init_from_hf", "init_llm_from_hf", "init_vision_from_hf"):
+        setattr(cfg, field, "")  # the checkpoint's own weights are what we want
+    weights = read_checkpoint_file(checkpoint / MODEL_FILE, lambda p: SafetensorsFolder(p.parent), "weights")
+    if "llm.embed_tokens.weight" not in weights.keys():
+        raise ValueError(f"{checkpoint / MODEL_FILE} has no llm.embed_tokens.weight: not a vlm_train checkpoint")
+    vocab_size = weights.shape("llm.embed_tokens.weight")[0]
+    tokenizer = None
+    if (checkpoint / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        from vlm_train.data.tokenizer import special_ids
+
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint / "tokenizer"), local_files_only=True)
+        image_token_id = special_ids(tokenizer).image_pad if image_token_id is None else image_token_id
+    if image_token_id is None:
+        raise ValueError(f"{checkpoint} has no tokenizer/ folder: pass --image-token-id")
+    cfg.llm.vocab_size = vocab_size
+    with torch.device("meta"):
+        model = VLM(cfg, vocab_size=vocab_size, image_token_id=image_token_id)
+    load_hf_weights(model, weights, lambda name: name, dtype=weights.tensor("llm.embed_tokens.weight").dtype)
+    return model, tokenizer
 
 
 def _hf_pixel_range(path: Path) -> tuple[int, int] | None:
@@ -82,15 +117,14 @@ def load(
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    torch_dtype = dtype_of(dtype)
     data = None
     if is_hf_folder(path):
         from transformers import AutoTokenizer
 
         from vlm_train.model.hf import from_hf
 
-        model = from_hf(path, attn_backend=attn_backend or "auto", dtype=DTYPES[dtype])
+        model = from_hf(path, attn_backend=attn_backend or "auto", dtype=torch_dtype)
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as exc:
@@ -111,7 +145,7 @@ def load(
         tokenizer = saved_tokenizer or tokenizer
         if attn_backend:
             model.set_attn_backend(attn_backend)
-        model = model.to(DTYPES[dtype])
+        model = model.to(torch_dtype)
         kind = "vlm_train"
         pixels = (data.image.min_pixels, data.image.max_pixels) if data is not None else None
         prompt = data.system_prompt if data is not None else ""
@@ -126,18 +160,3 @@ def load(
     )
     encoder = Encoder(tokenizer, spec, system_prompt=prompt if system_prompt is None else system_prompt)
     return Loaded(model.to(device).eval(), tokenizer, encoder, checkpoint, kind, data)
-
-
-def pick_device(name: str) -> torch.device:
-    """auto: CUDA when available, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but no CUDA device is available")
-    return torch.device(name)
-
-
-def autocast(device: torch.device, model: VLM) -> torch.autocast:
-    """bf16 autocast on CUDA (as in training) or when the weights are bf16; a no-op otherwise."""
-    bf16 = model.llm.embed_tokens.weight.dtype == torch.bfloat16
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" or bf16)

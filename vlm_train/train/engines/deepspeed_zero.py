@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import logging
-import os
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from vlm_train import runtime
 from vlm_train.model.vlm import VLM
-from vlm_train.train.checkpoint import rank_file
 from vlm_train.train.config import EngineConfig, TrainConfig
 from vlm_train.train.distributed import DistInfo
-from vlm_train.train.engine import Engine, make_optimizer, overlay, plain_state
-from vlm_train.train.optim import GuardedAdamW
+from vlm_train.train.engines.base import Engine, MakeGroups, make_optimizer, overlay, plain_state
+from vlm_train.train.optim import GuardedAdamW, StepReport
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -27,6 +23,16 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def _to_device(state: Any, device: torch.device) -> Any:
+    if torch.is_tensor(state):
+        return state.to(device)
+    if isinstance(state, dict):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_to_device(v, device) for v in state]
+    return state
 
 
 class DeepSpeedEngine(Engine):
@@ -38,6 +44,8 @@ class DeepSpeedEngine(Engine):
     non-finite check are DeepSpeed's under ZeRO 1-3 (it skips such a step on every rank), the optimizer's under ZeRO-0.
     """
 
+    name = "deepspeed"
+
     def __init__(
         self,
         cfg: EngineConfig,
@@ -48,18 +56,12 @@ class DeepSpeedEngine(Engine):
         dist: DistInfo,
         bf16: bool,
     ):
+        super().__init__()
         if not 0 <= cfg.zero_stage <= 3:
             raise ValueError(f"engine.zero_stage must be 0, 1, 2 or 3, got {cfg.zero_stage}")
-        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+        runtime.prepare_deepspeed(device.type)
         import deepspeed
 
-        ds_log = logging.getLogger("DeepSpeed")
-        ds_log.setLevel(logging.WARNING)
-        logging.getLogger("compilers").setLevel(logging.WARNING)  # setuptools' compiler probes for DeepSpeed's ops
-        # GuardedAdamW is torch's AdamW; VLM itself holds no parameters, so ZeRO-3 needs no hooks on its output.
-        ds_log.addFilter(lambda r: not any(s in r.getMessage() for s in ("untested optimizer", "VLMOutput")))
-        # DeepSpeed still calls collectives that this torch deprecates; the warning is not the user's to act on.
-        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         self.ds = deepspeed
         self.cfg, self.train, self.dist = cfg, train, dist
@@ -68,12 +70,16 @@ class DeepSpeedEngine(Engine):
         self.module: VLM = model.to(device)
         self.make_model = make_model
         self.engine: Any = None
-        self.optimizer: GuardedAdamW | None = None
+        self._optimizer: GuardedAdamW | None = None
         self.micro = 0
 
     @property
     def model(self) -> VLM:  # type: ignore[override]
         return self.module
+
+    @property
+    def optimizer(self) -> GuardedAdamW | None:
+        return self._optimizer
 
     def ds_config(self) -> dict[str, Any]:
         clip = self.train.grad_clip if self.zero_stage > 0 else 0.0  # ZeRO-0: GuardedAdamW clips
@@ -89,12 +95,13 @@ class DeepSpeedEngine(Engine):
         }
         return _merge(config, dict(self.cfg.deepspeed))
 
-    def start_stage(self, make_groups: Callable[[nn.Module], list[dict]]) -> None:  # type: ignore[override]
+    def _start(self, make_groups: MakeGroups) -> None:
         if self.engine is not None:
             self._end_stage()
         groups = make_groups(self.module)
-        self.optimizer = make_optimizer(groups, self.train, clip=self.train.grad_clip if self.zero_stage == 0 else None)
-        self.engine, *_ = self.ds.initialize(model=self.module, optimizer=self.optimizer, config=self.ds_config())
+        clip = self.train.grad_clip if self.zero_stage == 0 else None
+        self._optimizer = make_optimizer(groups, self.train, clip=clip)
+        self.engine, *_ = self.ds.initialize(model=self.module, optimizer=self._optimizer, config=self.ds_config())
         self.micro = 0
 
     def _end_stage(self) -> None:
@@ -132,25 +139,20 @@ class DeepSpeedEngine(Engine):
         if self.micro < self.train.micro_batches:
             self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
 
-    def step(self, skip: bool) -> tuple[float, bool]:
-        assert self.optimizer is not None
+    def step(self, skip: bool) -> StepReport:
+        assert self._optimizer is not None, "start_stage() first"
         if self.micro != self.train.micro_batches:
             raise RuntimeError(f"DeepSpeed step after {self.micro} micro-batches, expected {self.train.micro_batches}")
-        self.optimizer.reset()
-        self.optimizer.skip_next = skip
-        self.engine.step()
-        self.optimizer.skip_next = False
+        with self._optimizer.deciding(skip) as report:
+            self.engine.step()  # DeepSpeed calls the optimizer's step() itself
         self.micro = 0
-        if self.zero_stage == 0:
-            norm = self.optimizer.last_norm
-        else:
+        if self.zero_stage > 0:  # DeepSpeed measured the norm of the partitioned gradients
             value = self.engine.get_global_grad_norm()
-            norm = float("nan") if value is None else float(value)
-        applied = bool(self.engine.was_step_applied()) and self.optimizer.stepped and not self.optimizer.last_skipped
-        return norm, applied
+            report.grad_norm = float("nan") if value is None else float(value)
+        report.applied = bool(self.engine.was_step_applied()) and report.calls > 0 and report.applied
+        return report
 
     def full_grads(self) -> dict[str, torch.Tensor]:
-        """Every trainable parameter's reduced gradient (call between the last backward and step)."""
         from deepspeed.utils import safe_get_full_grad
 
         grads = {}
@@ -165,20 +167,13 @@ class DeepSpeedEngine(Engine):
         # A plain copy even under ZeRO 0-2, whose parameters are views into DeepSpeed's flat buffers.
         return self._gathered(every_rank=False)
 
-    def _optimizer_file(self, folder: Path) -> Path:
-        return rank_file(folder, "optimizer", self.dist.rank, "pt")
-
-    def save_optimizer(self, folder: Path) -> None:
+    def optimizer_state(self) -> dict[str, Any]:
         # This rank's partition: base optimizer state and fp32 master weights, tensors and numbers only.
-        torch.save(plain_state(self.engine.optimizer.state_dict()), self._optimizer_file(folder))
+        return plain_state(self.engine.optimizer.state_dict())
 
-    def load_optimizer(self, folder: Path) -> None:
-        path = self._optimizer_file(folder)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: resume with the world size the checkpoint was saved with")
-        saved = torch.load(path, map_location=self.device, weights_only=True)
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
         optimizer = self.engine.optimizer
-        state = overlay(optimizer.state_dict(), saved)
+        state = overlay(optimizer.state_dict(), _to_device(state, self.device))
         if "load_from_fp32_weights" in inspect.signature(optimizer.load_state_dict).parameters:
             # ZeRO 1-3: a list with every rank's state; same world size, so only ours is read. The fp32 master
             # weights come from the checkpoint, not from the (possibly bf16) model weights.

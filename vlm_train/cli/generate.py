@@ -1,0 +1,122 @@
+"""Answer a prompt about one or more images with a trained checkpoint (ours or a Hugging Face Qwen2.5-VL folder).
+
+    vlm-generate outputs/run --image cat.png --prompt "Describe the image."
+    vlm-generate outputs/run/checkpoints/step_00000800 --image a.png --image b.png \\
+        --prompt "Compare <image> with <image>." --temperature 0.7 --top-p 0.9 --seed 1
+    vlm-generate /models/Qwen2.5-VL-3B-Instruct --image cat.png --prompt "What is this?" --json
+
+Images go before the prompt unless the prompt places them with <image>, one per --image. Decoding is greedy
+(temperature 0) or sampled (temperature, top-p, seed), with a KV cache (--no-cache: the slower reference).
+Prints the answer, or with --json a JSON object with the answer, its tokens and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from vlm_train.data.collate import collate
+from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
+from vlm_train.devices import inference_autocast, pick_device
+from vlm_train.inference import Loaded, load
+from vlm_train.jsonio import dumps
+from vlm_train.model.generate import SamplingConfig, generate
+
+
+def read_images(paths: list[str]) -> list[Image.Image]:
+    """RGB images from files, decoded as training decodes them; a missing or unreadable file is an error naming it."""
+    # Training's decoder, so EXIF orientation, transparency (on white) and 16-bit grey come out as in training.
+    from vlm_train.data.config import ImageConfig
+    from vlm_train.data.decode import SkipSample, decode_image
+
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image {path} does not exist")
+        try:
+            images.append(decode_image(Path(path).read_bytes(), ImageConfig.max_decode_pixels))
+        except (OSError, SkipSample) as exc:
+            raise ValueError(f"image {path} cannot be read: {exc}") from exc
+    return images
+
+
+def prompt_sample(prompt: str, images: list[Image.Image]) -> Sample:
+    """A one-turn conversation: the images (before the text unless it places them) and the prompt."""
+    placed = prompt.count(IMAGE_PLACEHOLDER)
+    if placed and placed != len(images):
+        raise ValueError(
+            f"the prompt has {placed} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images were given"
+        )
+    text = prompt if placed else IMAGE_PLACEHOLDER * len(images) + prompt
+    return Sample("prompt", "cli", "generate", images, [Turn("user", text), Turn("assistant", "")])
+
+
+def answer(
+    loaded: Loaded, prompt: str, images: list[Image.Image], sampling: SamplingConfig, device, use_cache: bool = True
+) -> dict[str, Any]:
+    """Generate the answer to one prompt; returns the text, its token ids and the prompt length."""
+    encoded = loaded.encoder.encode(prompt_sample(prompt, images), for_generation=True)
+    prompts = collate([encoded]).to(device)
+    special = loaded.encoder.special
+    with inference_autocast(device, loaded.model):
+        tokens = generate(loaded.model, prompts, sampling, {special.im_end, special.pad}, use_cache=use_cache)[0]
+    text = loaded.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return {"answer": text, "tokens": tokens, "prompt_tokens": prompts.num_tokens}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="run folder, checkpoints/step_XXXXXXXX folder, or Hugging Face folder")
+    parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    parser.add_argument("--prompt", required=True, help="the question; <image> marks where each image goes")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--no-cache", action="store_true", help="re-run the whole sequence each step (reference)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    parser.add_argument("--attn-backend", default=None, help="override the checkpoint's attention backend")
+    parser.add_argument("--min-pixels", type=int, default=None, help="image area range (default: training's)")
+    parser.add_argument("--max-pixels", type=int, default=None)
+    parser.add_argument("--system-prompt", default=None, help="default: the training data's system prompt")
+    parser.add_argument("--json", action="store_true", help="print a JSON object instead of the bare answer")
+    args = parser.parse_args(argv)
+
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, args.seed)
+    sampling.validate()
+    images = read_images(args.image)
+    device = pick_device(args.device)
+    loaded = load(
+        args.checkpoint, device, args.dtype, args.attn_backend, args.min_pixels, args.max_pixels, args.system_prompt
+    )
+    started = time.perf_counter()
+    result = answer(loaded, args.prompt, images, sampling, device, use_cache=not args.no_cache)
+    seconds = time.perf_counter() - started
+    result.update(
+        {
+            "checkpoint": str(loaded.path),
+            "kind": loaded.kind,
+            "images": len(images),
+            "new_tokens": len(result["tokens"]),
+            "seconds": seconds,
+            "sampling": vars(sampling),
+            "kv_cache": not args.no_cache,
+            "device": str(device),
+        }
+    )
+    print(dumps(result, indent=2) if args.json else result["answer"])
+    return result
+
+
+def console() -> None:
+    """The `vlm-generate` command (main's return value is for callers in Python, not the exit status)."""
+    main()
+
+
+if __name__ == "__main__":
+    main()

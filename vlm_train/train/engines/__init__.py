@@ -1,0 +1,50 @@
+"""Engines: `single` (one process) and `deepspeed` (ZeRO 0-3 under torchrun), made by `build_engine`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from vlm_train.model.vlm import VLM
+from vlm_train.train.config import EngineConfig, TrainConfig
+from vlm_train.train.distributed import DistInfo
+from vlm_train.train.engines.base import Engine, overlay, plain_state, use_bf16
+from vlm_train.train.engines.single import SingleEngine
+
+__all__ = ["ENGINES", "Engine", "SingleEngine", "build_engine", "overlay", "plain_state", "resolve_engine"]
+
+ENGINES = ("auto", "single", "deepspeed")
+
+
+def resolve_engine(cfg: EngineConfig, world_size: int) -> tuple[str, int | None]:
+    """(engine, ZeRO stage) this launch runs: `auto` is single in one process, DeepSpeed at engine.zero_stage in
+    several; the ZeRO stage is None for the single engine."""
+    if cfg.name not in ENGINES:
+        raise ValueError(f"engine.name must be one of {ENGINES}, got {cfg.name!r}")
+    name = cfg.name if cfg.name != "auto" else ("deepspeed" if world_size > 1 else "single")
+    if name == "single" and world_size > 1:
+        raise RuntimeError(
+            f"engine=single trains in one process, but WORLD_SIZE={world_size}: launch one process, or leave "
+            "engine at its default (auto), which trains data-parallel with DeepSpeed under torchrun"
+        )
+    return name, (cfg.zero_stage if name == "deepspeed" else None)
+
+
+def build_engine(
+    cfg: EngineConfig,
+    train: TrainConfig,
+    model: VLM,
+    make_model: Callable[[], VLM],
+    device: torch.device,
+    dist: DistInfo,
+) -> Engine:
+    """The engine this launch runs (see resolve_engine); `make_model` builds a fresh model (ZeRO-3 needs one per
+    stage)."""
+    name, _ = resolve_engine(cfg, dist.world_size)
+    bf16 = use_bf16(cfg, device)
+    if name == "single":
+        return SingleEngine(model, train, device, bf16)
+    from vlm_train.train.engines.deepspeed_zero import DeepSpeedEngine  # imports deepspeed: only when asked for
+
+    return DeepSpeedEngine(cfg, train, model, make_model, device, dist, bf16)

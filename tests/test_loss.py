@@ -1,14 +1,19 @@
+import json
 import math
 
 import pytest
 import torch
+import webdataset as wds
 
 from vlm_train.data.collate import collate
+from vlm_train.data.config import DataConfig
+from vlm_train.data.loader import PackedStream, Source, build_loader
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.train import loss as L
 from vlm_train.train.config import LossConfig
 
 from helpers import encoder, sample, tiny_tokenizer
+from test_loader import _png
 
 ANSWERS = ["a red circle", "a blue square and a green diamond", "(052,310),(480,795)", "an orange triangle"]
 POLICIES = [
@@ -154,3 +159,26 @@ def test_loss_sums_by_source_and_task():
     assert sums["caption"][0] == pytest.approx(float(losses[supervised].sum()))
     by_source = L.loss_sums_by(batch, losses, "source")
     assert set(by_source) == {"a", "b"} and sum(n for _, n in by_source.values()) == int(supervised.sum())
+
+
+def test_a_samples_importance_travels_from_its_json_in_a_shard_to_the_loss(tmp_path):
+    """End to end: key.json {"caption": ..., "importance": w} -> loader -> pack meta -> per-sample loss share."""
+    weights = {f"k{i}": float(i % 4) for i in range(12)}  # 0 (a sample that must not count) to 3
+    url = str(tmp_path / "weighted.tar")
+    with wds.TarWriter(url) as writer:
+        for i, (key, weight) in enumerate(weights.items()):
+            record = {"caption": f"a red circle number {i}", "importance": weight, "note": "not a number"}
+            if i == 5:
+                del record["importance"]  # no field: weight 1
+            writer.write({"__key__": key, "png": _png(i), "json": json.dumps(record).encode()})
+    cfg = DataConfig(shuffle_buffer=4)
+    cfg.pack.llm_budget, cfg.pack.buffer_size = 400, 4
+    loader = build_loader(PackedStream([Source("web", [url])], encoder(), cfg, seed=0, rank=0, world_size=1), 0)
+    batch = next(loader)
+    loader.close()
+    keys = [m["key"] for m in batch.meta]
+    assert len(keys) > 2 and all("note" not in m for m in batch.meta)
+    policy = LossConfig(averaging="sample", importance_field="importance")
+    share = _per_sample(batch, L.token_coefficients(batch, L.pack_totals(batch, policy), policy))
+    expected = torch.tensor([1.0 if k == "k5" else weights[k] for k in keys], dtype=torch.float64)
+    torch.testing.assert_close(share, expected / expected.sum())

@@ -220,6 +220,14 @@ def _text(key: str, source: str, raw: dict[str, Any], record: dict | None) -> Sa
     return Sample(key, source, "text", [], [Turn("text", text)], {"answer": text})
 
 
+def numeric_fields(record: dict | None) -> dict[str, float]:
+    """The top-level numbers of a sample's JSON (e.g. "importance": 2.0): they travel in the sample's meta, where
+    the loss reads a per-sample weight (loss.importance_field) and metrics can group by them."""
+    if record is None:
+        return {}
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def parse_sample(raw: dict[str, Any], source: str, max_image_pixels: int, fmt: str = "auto") -> Sample:
     """Decode one raw sample in format `fmt` (auto: detected from its members); unusable ones raise SkipSample."""
     key = str(raw.get("__key__", "?"))
@@ -228,14 +236,17 @@ def parse_sample(raw: dict[str, Any], source: str, max_image_pixels: int, fmt: s
     record = decode_json(raw["json"]) if "json" in raw else None
     if fmt == "auto":
         fmt = detect_format(raw, record)
-    if fmt == "caption":
-        return _caption(key, source, raw, record, max_image_pixels)
     if fmt in ("conversation", "grounding") and record is None:
         raise SkipSample("missing_json", f"a {fmt} sample needs a json member, members {_members(raw)}")
-    if fmt == "conversation":
-        return _conversation(key, source, raw, record, max_image_pixels)
-    if fmt == "grounding":
-        return _grounding(key, source, raw, record, max_image_pixels)
-    if fmt == "text":
-        return _text(key, source, raw, record)
-    raise ValueError(f"unknown sample format {fmt!r}")
+    if fmt == "caption":
+        sample = _caption(key, source, raw, record, max_image_pixels)
+    elif fmt == "conversation":
+        sample = _conversation(key, source, raw, record, max_image_pixels)
+    elif fmt == "grounding":
+        sample = _grounding(key, source, raw, record, max_image_pixels)
+    elif fmt == "text":
+        sample = _text(key, source, raw, record)
+    else:
+        raise ValueError(f"unknown sample format {fmt!r}")
+    sample.meta = {**numeric_fields(record), **sample.meta}  # our own meta keys win over a JSON field's
+    return sample

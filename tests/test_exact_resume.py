@@ -114,3 +114,24 @@ def test_two_rank_zero2_run_stopped_by_sigterm_resumes_exactly(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_step"] for r in rows] == [0, 0, 0, 1, 0, 0]
     assert rows[3]["skipped_steps/nonfinite_grad_norm"] == 1
+
+
+def test_periodic_evaluation_changes_nothing_and_a_resumed_run_logs_the_same_figures(tmp_path):
+    evals = ["eval.interval=2", "eval.at_stage_end=true", "eval.num_loss=8", "eval.num_caption=3"]
+    evals += ["eval.num_grounding=3", "eval.max_new_tokens=6"]
+    plain = losses(_run(tmp_path / "plain", STAGES))
+    whole = _rows(_run(tmp_path / "whole", [*STAGES, *evals]))
+    assert {r["step"]: r["loss"] for r in whole} == plain  # evaluating restores train mode and touches no state
+    figures = {r["step"]: {k: v for k, v in r.items() if k.startswith("heldout_")} for r in whole}
+    assert [step for step, f in figures.items() if f] == [2, 4, 5]  # every 2 steps, and at both stage ends
+    assert all(f["heldout_exact_match_n"] == 3 and f["heldout_loss"] > 0 for f in figures.values() if f)
+    stopped = run(
+        make_config(f"run.dir={tmp_path / 'parts'}", *STAGES, *evals, "train.exit_at_step=3", "checkpoint.interval=1")
+    )
+    assert stopped["stopped"] == "exit_at_step"
+    resumed = _rows(_run(tmp_path / "parts", [*STAGES, *evals]))
+    assert {r["step"]: {k: v for k, v in r.items() if k.startswith("heldout_")} for r in resumed} == figures
+
+
+def _rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlm_train.cli.generate import main
 from vlm_train.data.loader import pack_for_generation
 from vlm_train.model.generate import SamplingConfig, generate, greedy_generate
 from vlm_train.model.hf import to_hf
@@ -19,7 +20,6 @@ from helpers import encoder, sample, tiny_tokenizer
 from tools_helpers import image_file, save_run, small_model
 
 ROOT = Path(__file__).resolve().parents[1]
-from vlm_train.cli.generate import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -178,3 +178,23 @@ def test_help_runs_as_a_script():
         [sys.executable, str(ROOT / "tools" / "generate.py"), "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and "--temperature" in result.stdout and "--image" in result.stdout
+
+
+def test_console_scripts_are_installed_and_vlm_generate_answers(model, tmp_path):
+    """A non-editable install gets the tools as commands: every console script resolves, and vlm-generate runs."""
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e for e in entry_points(group="console_scripts") if e.value.startswith("vlm_train.")}
+    expected = {"vlm-train", "vlm-generate", "vlm-evaluate", "vlm-convert-hf", "vlm-merge-checkpoints"}
+    assert expected | {"vlm-make-shards", "vlm-inspect-shards"} <= set(scripts)
+    assert all(callable(e.load()) for e in scripts.values())
+    save_run(tmp_path / "run", model)
+    image = image_file(tmp_path, "a.png", 84, 56, seed=3)
+    result = subprocess.run(
+        ["vlm-generate", str(tmp_path / "run"), "--image", image, "--prompt", "Describe.", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["checkpoint"].endswith("step_00000005")

@@ -4,12 +4,12 @@ import subprocess
 import sys
 
 import pytest
-from test_loader import write_shards
 
 from vlm_train.data.config import SourceConfig
 from vlm_train.train.trainer import run
 
 from conftest import SMALL_DATA, make_config
+from test_loader import write_shards
 
 
 def test_a_short_run_lowers_the_loss(tmp_path):
@@ -125,3 +125,18 @@ def test_the_default_run_completes_and_learns(tmp_path):
     assert summary["heldout_exact_match_n"] == 200 and summary["heldout_grounding_acc_n"] == 200
     # The README's figure is 0.935; seeds 0-2 gave 0.895-0.945, so a regression, not seed noise, falls below this.
     assert summary["heldout_exact_match"] >= 0.85
+
+
+def test_summary_is_valid_json_with_null_for_a_task_without_samples(tmp_path):
+    cfg = make_config(f"run.dir={tmp_path}", "curriculum.stages.0.steps=1", "curriculum.stages.1.steps=1")
+    cfg.eval.num_grounding, cfg.eval.num_caption, cfg.eval.max_new_tokens = 0, 2, 4
+    summary = run(cfg)
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    written = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert written["heldout_grounding_acc"] is None and written["heldout_grounding_acc_n"] == 0
+    assert summary["heldout_grounding_acc"] is None and 0 <= written["heldout_exact_match"] <= 1
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Multi-node training: run this once on every node; each runs torchrun with NPROC_PER_NODE workers.
 #
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/multinode.sh engine=deepspeed run.dir=runs/exp1   # on node0
-#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/multinode.sh engine=deepspeed run.dir=runs/exp1   # on node1
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/multinode.sh run.dir=runs/exp1   # on node0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/multinode.sh run.dir=runs/exp1   # on node1
 #
-# Every argument is a Hydra override for `python -m vlm_train.train` (see conf/ and the README).
+# Every argument is a Hydra override for `python -m vlm_train.train` (see conf/ and docs/launching.md); several
+# processes train data-parallel with DeepSpeed (engine=auto, ZeRO stage engine.zero_stage, default 2).
 #
 # Variables (static rendezvous: node 0 hosts the store at MASTER_ADDR:MASTER_PORT):
 #   NNODES          number of nodes (default 1)

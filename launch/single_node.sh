@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Training on one machine: torchrun with NPROC_PER_NODE workers (GPUs, or CPU processes over gloo).
 #
-#   launch/single_node.sh run.dir=runs/exp1                                      # all GPUs (1 process on CPU)
-#   launch/single_node.sh engine=deepspeed engine.zero_stage=2 run.dir=runs/exp1
-#   NPROC_PER_NODE=2 launch/single_node.sh engine=deepspeed run.dir=runs/cpu2    # 2 CPU processes
+#   launch/single_node.sh run.dir=runs/exp1                          # all GPUs, data-parallel (1 process on CPU)
+#   launch/single_node.sh engine.zero_stage=3 run.dir=runs/exp1      # ZeRO-3 instead of the default ZeRO-2
+#   NPROC_PER_NODE=2 launch/single_node.sh run.dir=runs/cpu2         # 2 CPU processes (gloo)
 #
-# Every argument is a Hydra override for `python -m vlm_train.train` (see conf/ and the README). More than one
-# process needs engine=deepspeed (engine=single refuses WORLD_SIZE > 1).
+# Every argument is a Hydra override for `python -m vlm_train.train` (see conf/ and docs/launching.md). With more
+# than one process the default engine (auto) trains with DeepSpeed at engine.zero_stage and says so at start;
+# engine=single refuses WORLD_SIZE > 1.
 #
 # Variables:
 #   NPROC_PER_NODE  workers (default: the number of visible GPUs, or 1 without CUDA)

@@ -189,7 +189,7 @@ class Encoder:
             builder.text([self.special.im_start] + self._role_header["assistant"])
         ids, labels, positions = builder.finish()
 
-        meta = {"key": sample.key, "source": sample.source, "task": sample.task, **sample.meta}
+        meta = {**sample.meta, "key": sample.key, "source": sample.source, "task": sample.task}
         return EncodedSample(
             input_ids=ids,
             labels=labels,

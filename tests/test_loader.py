@@ -1,6 +1,14 @@
 import io
 import itertools
+import json
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from collections import Counter
 
 import pytest
@@ -9,6 +17,7 @@ from PIL import Image
 
 from vlm_train.data.config import DataConfig
 from vlm_train.data.loader import PackedStream, Source, build_loader, expand_urls
+from vlm_train.data.worker_state import StateReceiver, StateSender
 
 from helpers import encoder
 
@@ -153,3 +162,122 @@ def test_ranks_with_uneven_shards_never_run_dry(tmp_path):
         assert all(p.num_samples >= 1 for p in packs)
         epochs.append(loader.state_dict()["worker_states"][0]["readers"]["web"]["epoch"])
     assert min(epochs) >= 1  # both went on past an epoch end instead of stopping
+
+
+HOLD_LOADER = """
+import multiprocessing, sys, time
+sys.path.insert(0, sys.argv[2])
+from helpers import encoder
+from vlm_train.data.config import DataConfig
+from vlm_train.data.loader import PackedLoader, PackedStream, Source
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method(sys.argv[1])
+    cfg = DataConfig(num_workers=2)
+    stream = PackedStream([Source("web", sys.argv[3:])], encoder(), cfg, seed=0, rank=0, world_size=1)
+    loader = PackedLoader(stream, cfg.num_workers, prefetch_factor=32)  # many packs in flight: the pipe fills
+    for _ in range(3):
+        next(loader)
+    print("reading no more", flush=True)
+    time.sleep(600)
+"""
+
+
+def _running(procs) -> list:
+    psutil = pytest.importorskip("psutil")
+    alive = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:  # a zombie is dead, just not reaped
+                alive.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.mark.parametrize("start_method", ["fork", "forkserver"])
+def test_loader_workers_die_with_a_killed_training_process(tmp_path, start_method):
+    """kill -9 of the training process (or an OOM kill) leaves no loader worker behind, not even one stuck on a
+    full pipe, nor (forkserver) the server that started them."""
+    psutil = pytest.importorskip("psutil")
+    urls = write_shards(tmp_path / "shards", 4, 40)
+    script = tmp_path / "hold_loader.py"
+    script.write_text(HOLD_LOADER)
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        parent = subprocess.Popen(
+            [sys.executable, str(script), start_method, os.path.dirname(__file__), *urls],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,  # its own process group: the test can always clean up after itself
+        )
+    children = []
+    try:
+        ready, _, _ = select.select([parent.stdout], [], [], 120)
+        line = parent.stdout.readline() if ready else ""
+        assert line.strip() == "reading no more", (tmp_path / "stderr.txt").read_text()[-3000:]
+        children = psutil.Process(parent.pid).children(recursive=True)
+        workers = [c for c in children if c.name() == "pt_data_worker"]
+        assert len(workers) == 2
+        cpu = None  # wait until the workers stop working: every queue (and the pipe) is full
+        for _ in range(60):
+            now = [w.cpu_times().user + w.cpu_times().system for w in workers]
+            if now == cpu:
+                break
+            cpu = now
+            time.sleep(0.5)
+        parent.kill()
+        parent.wait(30)
+        deadline = time.monotonic() + 5
+        while _running(children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(children), f"loader processes outlived their parent: {_running(children)}"
+    finally:
+        for proc in _running(children):
+            proc.kill()
+        if parent.poll() is None:
+            parent.kill()
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        parent.wait(30)
+        parent.stdout.close()
+
+
+def test_a_worker_whose_parent_died_before_it_started_ends_at_once():
+    """The race: the parent dies before the worker asks to die with it; the worker then has another parent."""
+    code = "from vlm_train.runtime import die_with_parent; die_with_parent(-1, True); print('still here')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL and "still here" not in done.stdout
+
+
+def test_a_worker_not_started_by_the_training_process_watches_it():
+    """Started by a forkserver (or where prctl is missing), a worker ends when the training process does."""
+    code = (
+        "import subprocess, time\n"
+        "from vlm_train.runtime import die_with_parent\n"
+        "trainer = subprocess.Popen(['sleep', '1'])\n"
+        "die_with_parent(trainer.pid, False)\n"
+        "trainer.wait()\n"
+        "time.sleep(60)\n"
+        "print('still here')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL and "still here" not in done.stdout
+
+
+def test_each_pack_carries_a_small_change_to_its_workers_state(tmp_path):
+    urls = write_shards(tmp_path, 4, 80)
+    cfg = DataConfig(shuffle_buffer=100)
+    cfg.pack.llm_budget, cfg.pack.buffer_size = 400, 16
+    slot = _stream([Source("a", urls[:2]), Source("b", urls[2:])], cfg).slot_stream(0, 1)
+    sender, receiver = StateSender(), StateReceiver()
+    for i in range(16):
+        slot.next_pack()
+        state = slot.state_dict()
+        message = pickle.dumps(sender.encode(state))
+        receiver.apply(pickle.loads(message))
+        assert receiver.state() == json.loads(json.dumps(state))  # keys whose ids were given back and reused too
+        if i > 0:
+            assert len(message) < len(pickle.dumps(state)) / 3

@@ -7,13 +7,18 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
+import signal
 import sys
+import threading
+import time
 import warnings
 
 import torch
 
 log = logging.getLogger("vlm_train")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -63,3 +68,52 @@ def reuse_freed_memory() -> None:
         return
     libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
     libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31)
+
+
+def die_with_parent(main_pid: int, direct: bool, worker_id: int = 0) -> None:
+    """A process's init (a loader worker's): end it when the training process `main_pid` ends, however it ends.
+
+    Left alone, a worker outlives a parent killed by SIGKILL or the OOM killer: torch's watchdog sees the parent go
+    only between packs, and then the worker's exit waits for its queue's feeder thread, stuck writing a pack to a
+    full pipe that its siblings still hold open. Started by the training process itself (`direct`: fork, spawn),
+    on Linux the kernel kills it (PR_SET_PDEATHSIG, which fires when the thread that started the worker ends:
+    iterate the loader from a thread that outlives it); a parent that died before that was set has left the worker
+    to another parent, and it ends at once. Otherwise (a forkserver, which lives on while its workers do; no prctl)
+    a thread watches the training process.
+    """
+    if direct and _set_death_signal():
+        if os.getppid() != main_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return
+    threading.Thread(target=_kill_self_when_gone, args=(main_pid,), daemon=True, name="loader-watch").start()
+
+
+def _set_death_signal() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _kill_self_when_gone(pid: int) -> None:
+    try:
+        select.select([os.pidfd_open(pid)], [], [])  # readable once the process has ended (Linux >= 5.3)
+    except ProcessLookupError:
+        pass
+    except (AttributeError, OSError):
+        while _exists(pid):
+            time.sleep(0.5)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True

@@ -1,22 +1,25 @@
 """The streaming pipeline of one rank: shards -> samples -> mixture -> encode -> packer -> PackedBatch.
 
 Each loader worker of each rank is a reader slot with its own shards (see shard_assignment.py) and its own SlotStream.
-Workers are read in a fixed round-robin, and each pack carries its worker's state, so the main process always
-knows the state of every worker as of the last pack it handed out. The stream never ends: a slot that finishes
-its share of an epoch goes on into the next, so every rank yields the same number of packs per step, and no
-rank waits on another at an epoch end, whatever the shard sizes.
+Workers are read in a fixed round-robin, and each pack carries its worker's state (as a change to the one before, see
+worker_state.py), so the main process always knows the state of every worker as of the last pack it handed out. The
+stream never ends: a slot that finishes its share of an epoch goes on into the next, so every rank yields the same
+number of packs per step, and no rank waits on another at an epoch end, whatever the shard sizes.
 """
 
 from __future__ import annotations
 
-import ctypes
+import functools
 import logging
+import multiprocessing
+import os
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlm_train import runtime
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.collate import collate
 from vlm_train.data.config import DataConfig
@@ -27,6 +30,7 @@ from vlm_train.data.shard_assignment import reader_slot
 from vlm_train.data.sources import Source, expand_urls
 from vlm_train.data.stream import SlotStream
 from vlm_train.data.tar_reader import ShardError, iter_shard
+from vlm_train.data.worker_state import StateReceiver, StateSender
 
 __all__ = [
     "PackedLoader",
@@ -40,7 +44,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 LOADER_STATE_VERSION = 1
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 def iter_samples(urls: list[str], source: str, max_decode_pixels: int, fmt: str = "auto") -> Iterator[Sample]:
@@ -54,20 +57,6 @@ def iter_samples(urls: list[str], source: str, max_decode_pixels: int, fmt: str 
                     log.warning("skipping %s: %s", raw.get("__key__"), exc)
         except ShardError as exc:
             log.warning("%s", exc)
-
-
-def _reuse_freed_memory() -> None:
-    """In the process that makes packs (glibc only): keep freed buffers for reuse rather than give them back.
-
-    Every pack allocates its patches anew (~100 MB at 512 px); returned to the OS and faulted in again, fresh
-    pages cost more than filling them, so a worker spent a third of its time in page faults.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31)
 
 
 class PackedStream(IterableDataset):
@@ -107,12 +96,13 @@ class PackedStream(IterableDataset):
         info = get_worker_info()
         loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:
-            _reuse_freed_memory()
+            runtime.reuse_freed_memory()
         worker = (loader_worker + self.worker_offset) % workers
         stream = self.slot_stream(worker, workers)
+        sender = StateSender()
         while True:
             pack = stream.next_pack()
-            pack.loader_state = {"worker": worker, "state": stream.state_dict()}
+            pack.loader_state = {"worker": worker, **sender.encode(stream.state_dict())}
             yield pack
 
 
@@ -131,10 +121,12 @@ class PackedLoader:
         self.workers = max(num_workers, 1)
         self.prefetch_factor = prefetch_factor
         self.weights = [s.weight for s in stream.sources]
-        self.worker_states: list[dict[str, Any] | None] = [None] * self.workers
+        self.worker_states: list[dict[str, Any] | None] = [None] * self.workers  # as of the last (re)start
         self.next_worker = 0
         self._local: SlotStream | None = None
         self._it: Iterator[PackedBatch] | None = None
+        self._receivers: list[StateReceiver] = []  # the running workers' states since the start
+        self._skipped: Counter = Counter()  # kept from the packs' skips, so skipped() reads no state
 
     def __iter__(self) -> PackedLoader:
         return self
@@ -142,16 +134,20 @@ class PackedLoader:
     def __next__(self) -> PackedBatch:
         if self.num_workers == 0:
             if self._local is None:
-                _reuse_freed_memory()
+                runtime.reuse_freed_memory()
                 self._local = self._prepared_stream().slot_stream(0, 1)
-            return self._local.next_pack()
+            pack = self._local.next_pack()
+            self._skipped.update(pack.skipped)
+            return pack
         if self._it is None:
+            self._receivers = [StateReceiver() for _ in range(self.workers)]
             self._it = iter(self._dataloader())
         pack = next(self._it)
         info, pack.loader_state = pack.loader_state, None
         if info["worker"] != self.next_worker:
             raise RuntimeError(f"loader worker {info['worker']} answered out of turn (expected {self.next_worker})")
-        self.worker_states[info["worker"]] = info["state"]
+        self._receivers[info["worker"]].apply(info)
+        self._skipped.update(pack.skipped)
         self.next_worker = (self.next_worker + 1) % self.workers
         return pack
 
@@ -162,20 +158,23 @@ class PackedLoader:
         return self.stream
 
     def _dataloader(self) -> DataLoader:
-        # Workers answer strictly in turn (in_order), starting from the worker whose turn is next.
+        # Workers answer strictly in turn (in_order), starting from the worker whose turn is next; they die with this
+        # process, their parent unless a forkserver starts them.
+        direct = multiprocessing.get_start_method() != "forkserver"
         return DataLoader(
             self._prepared_stream(),
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor,
             in_order=True,
+            worker_init_fn=functools.partial(runtime.die_with_parent, os.getpid(), direct),
         )
 
     def close(self) -> None:
         """Stop the worker processes (they restart from the saved state on the next pack)."""
-        if self._local is not None:
-            self.worker_states[0] = self._local.state_dict()
-            self._local = None
+        self.worker_states = self._states()
+        self._local = None
+        self._receivers = []
         self._it = None  # dropping the iterator shuts its workers down
 
     # ---- mixture -----------------------------------------------------------------------------------------------
@@ -206,16 +205,14 @@ class PackedLoader:
 
     def skipped(self) -> dict[str, int]:
         """Every skip so far on this rank, as "source/reason" -> count (restored with the state)."""
-        total: Counter = Counter()
-        for state in self._states():
-            if state is not None:
-                total.update(state["skipped"])
-        return dict(total)
+        return dict(self._skipped)
 
     def _states(self) -> list[dict[str, Any] | None]:
         if self._local is not None:
             return [self._local.state_dict()]
-        return list(self.worker_states)
+        if not self._receivers:
+            return list(self.worker_states)
+        return [r.state() or saved for r, saved in zip(self._receivers, self.worker_states)]
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-able state of this rank's loader: every worker, the turn, and the mixture."""
@@ -252,6 +249,10 @@ class PackedLoader:
         self.weights = [float(state["weights"][name]) for name in names]
         self.worker_states = list(state["worker_states"])
         self.next_worker = int(state["next_worker"])
+        self._skipped = Counter()
+        for worker_state in self.worker_states:
+            if worker_state is not None:
+                self._skipped.update(worker_state["skipped"])
 
 
 def build_loader(stream: PackedStream, num_workers: int) -> PackedLoader:

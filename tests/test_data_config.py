@@ -3,10 +3,11 @@
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
-from test_loader import write_shards
 
 from vlm_train.data.loader import build_loader
 from vlm_train.train.builders import build_data, build_stream
+
+from test_loader import write_shards
 
 
 def _config(conf_dir, *overrides):

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-from test_loader import _config
 
 from tools import bench_loader
 from vlm_train.cli import inspect_shards, make_shards
@@ -11,6 +10,7 @@ from vlm_train.data.loader import PackedStream, Source, build_loader
 from vlm_train.data.sources import expand_urls
 
 from helpers import encoder, noise_image
+from test_loader import _config
 
 
 def _images(folder, names):

@@ -101,3 +101,25 @@ def test_default_head_rows_are_the_supervised_tokens():
     assert 0 < supervised < batch.num_tokens
     flops = pack_flops(model.cfg, batch)
     assert flops.lm_head == 2 * supervised * model.cfg.llm.hidden_size * model.cfg.llm.vocab_size
+
+
+@pytest.mark.parametrize(
+    "trainable",
+    [["projector.*"], ["vision.*", "projector.*"], ["projector.*", "llm.*"], ["llm.layers.*"], ["vision.*"], ["*"]],
+)
+def test_a_stage_that_freezes_parts_counts_only_what_runs(trainable):
+    """MFU in frozen stages: forward + the backward torch really runs (pixels need no gradient)."""
+    from vlm_train.model.flops import TrainedParts
+    from vlm_train.train.curriculum import set_trainable
+
+    model, batch = _model(), _pack()
+    set_trainable(model, trainable)
+    batch.pixel_values = float_pixel_values(batch.pixel_values, model.cfg.vision.patch_dim)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        logits = model(batch).logits
+        F.cross_entropy(logits, batch.labels, ignore_index=IGNORE_INDEX).backward()
+    flops = pack_flops(model.cfg, batch, head_tokens=batch.num_tokens)
+    parts = TrainedParts.of(model)
+    assert flops.trained(parts) == counter.get_total_flops(), parts
+    if trainable == ["projector.*"]:  # the align stage: the tower runs forward only, the LLM passes gradients
+        assert flops.trained(parts) < flops.training

@@ -32,6 +32,10 @@ def test_the_mix_is_seeded_and_holds_every_kind(tmp_path, capsys):
         assert (r["vit_patches"] == 0) == (r["kind"] == "text") and r["images"] <= 3
         # Qwen2-VL geometry: four ViT patches per image token, so the image tokens fit inside the sample.
         assert r["vit_patches"] % 4 == 0 and r["vit_patches"] // 4 < r["llm_tokens"]
+        # Per image, its patch grid (for FLOPs: attention per image and window); the learnt tokens.
+        assert len(r["grids"]) == r["images"] and sum(t * h * w for t, h, w in r["grids"]) == r["vit_patches"]
+        assert all(t == 1 and h % 2 == w % 2 == 0 for t, h, w in r["grids"])
+        assert 0 < r["supervised"] <= r["llm_tokens"] and (r["supervised"] == r["llm_tokens"]) == (r["kind"] == "text")
     assert any(r["llm_tokens"] > 8192 for r in records)  # some long documents exceed an 8k budget
 
 

@@ -1,13 +1,13 @@
-"""The Packer and collate: budgets, boundaries, positions, truncation, resumable state; and rank balancing."""
+"""The Packer and collate: budgets, boundaries, positions, truncation, resumable state."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLModel
 
-from vlm_train.data.balance import attention_cost, balance, rank_share
 from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.collate import collate
 from vlm_train.data.decode import SkipSample
@@ -269,25 +269,31 @@ def test_restore_key_prefers_the_loaders_key():
     assert restore_key_of(encoded) == {"source": "web", "url": "a.tar", "index": 3}
 
 
-def test_balance_gives_each_rank_as_many_packs_and_evens_attention_cost():
-    costs = [100, 90, 80, 10, 10, 5, 3, 2]
-    shares = balance(costs, 2)
-    assert sorted(i for share in shares for i in share) == list(range(8))
-    assert [len(s) for s in shares] == [4, 4]
-    loads = [sum(costs[i] for i in s) for s in shares]
-    naive = [sum(costs[:4]), sum(costs[4:])]
-    assert max(loads) - min(loads) < max(naive) - min(naive)
-    assert max(loads) - min(loads) <= max(costs)
-    assert balance(costs, 2) == shares  # deterministic
-    with pytest.raises(ValueError, match="multiple of the world size"):
-        balance(costs[:7], 2)
-
-
-def test_rank_share_splits_real_packs_by_sum_of_squared_lengths():
-    packer = Packer(PackConfig(llm_budget=300, vit_budget=10_000, buffer_size=4))
-    packs = [collate(p) for p in _stream(packer, _encoded(30))][:4]
-    costs = [attention_cost(b) for b in packs]
-    assert costs[0] == sum((int(e) - int(s)) ** 2 for s, e in zip(packs[0].cu_seqlens[:-1], packs[0].cu_seqlens[1:]))
-    shares = [rank_share(packs, 2, r) for r in range(2)]
-    assert sorted(id(b) for share in shares for b in share) == sorted(id(b) for b in packs)
-    assert abs(sum(map(attention_cost, shares[0])) - sum(map(attention_cost, shares[1]))) <= max(costs)
+@pytest.mark.parametrize("too_long", ["drop", "truncate"])
+def test_a_packer_restored_under_lower_budgets_drops_or_cuts_what_no_longer_fits(too_long):
+    """A curriculum stage lowered the budgets: buffered samples over them follow too_long, as new ones would."""
+    enc = encoder()
+    long_answers = [sample(f"long{i}", WORDS[3] * 2, images=i % 2, seed=i) for i in range(4)]  # these can be cut
+    by_key = {s.key: s for s in [*(_sample(i) for i in range(12)), *long_answers]}
+    big = Packer(PackConfig(llm_budget=1000, vit_budget=3000, buffer_size=20), enc.special)
+    assert not [p for s in by_key.values() for p in big.add(enc.encode(s))]  # all still buffered
+    state = json.loads(json.dumps(big.state_dict()))
+    cfg = PackConfig(llm_budget=60, vit_budget=60, max_images=2, buffer_size=10, too_long=too_long)
+    expected_drops, expected_kept = [], []
+    for key in state["buffer"]:
+        try:
+            expected_kept.append(Packer(cfg, enc.special).check(enc.encode(by_key[key["key"]])))
+        except SkipSample as err:
+            expected_drops.append((key["key"], err.reason))
+    small, dropped = Packer(cfg, enc.special), []
+    small.load_state_dict(
+        state, lambda key: enc.encode(by_key[key["key"]]), lambda k, e: dropped.append((k["key"], e.reason))
+    )
+    assert dropped == expected_drops and dropped
+    assert small.counts == {f"dropped/{r}": n for r, n in Counter(r for _, r in dropped).items()}
+    assert [s.meta["key"] for s in small.buffer] == [s.meta["key"] for s in expected_kept]
+    cut = [s.meta["key"] for s in small.buffer if "truncated_from" in s.meta]
+    assert bool(cut) == (too_long == "truncate")
+    for pack in small.flush():
+        assert sum(s.num_tokens for s in pack) <= 60 and sum(s.num_patches for s in pack) <= 60
+        assert sum(s.image_grid_thw.shape[0] for s in pack) <= 2

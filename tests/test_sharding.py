@@ -3,10 +3,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from test_loader import write_shards
 
 from vlm_train.data.shard_assignment import reader_slot, slot_units
 from vlm_train.data.sources import Source, SourceReader
+
+from test_loader import write_shards
 
 
 def _assignment(num_shards: int, ranks: int, workers: int, epoch: int, seed: int = 0) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""`vlm-convert-hf` as a script: `python tools/convert_hf.py --help` (the program is vlm_train.cli.convert_hf)."""
+"""`vlm-convert-hf` as a script, `python tools/convert_hf.py` (the program: vlm_train.cli.convert_hf)."""
 
 from vlm_train.cli.convert_hf import main
 

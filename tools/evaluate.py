@@ -1,4 +1,4 @@
-"""`vlm-evaluate` as a script: `python tools/evaluate.py --help` (the program is vlm_train.cli.evaluate)."""
+"""`vlm-evaluate` as a script, `python tools/evaluate.py` (the program: vlm_train.cli.evaluate)."""
 
 from vlm_train.cli.evaluate import main
 

@@ -1,4 +1,4 @@
-"""`vlm-generate` as a script: `python tools/generate.py --help` (the program is vlm_train.cli.generate)."""
+"""`vlm-generate` as a script, `python tools/generate.py` (the program: vlm_train.cli.generate)."""
 
 from vlm_train.cli.generate import main
 

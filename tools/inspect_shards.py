@@ -1,4 +1,4 @@
-"""`vlm-inspect-shards` as a script: `python tools/inspect_shards.py --help` (the program is vlm_train.cli.inspect_shards)."""
+"""`vlm-inspect-shards` as a script, `python tools/inspect_shards.py` (the program: vlm_train.cli.inspect_shards)."""
 
 from vlm_train.cli.inspect_shards import main
 

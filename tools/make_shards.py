@@ -1,4 +1,4 @@
-"""`vlm-make-shards` as a script: `python tools/make_shards.py --help` (the program is vlm_train.cli.make_shards)."""
+"""`vlm-make-shards` as a script, `python tools/make_shards.py` (the program: vlm_train.cli.make_shards)."""
 
 from vlm_train.cli.make_shards import main
 

@@ -1,4 +1,4 @@
-"""`vlm-merge-checkpoints` as a script: `python tools/merge_checkpoints.py --help` (the program is vlm_train.cli.merge_checkpoints)."""
+"""`vlm-merge-checkpoints` as a script, `python tools/merge_checkpoints.py` (vlm_train.cli.merge_checkpoints)."""
 
 from vlm_train.cli.merge_checkpoints import main
 

@@ -6,6 +6,8 @@ and its chat template (about 5 tokens of framing per turn, 2 per image). The sha
 - conversations (35%): LLaVA-Instruct/ShareGPT4V-style, 1-3 larger images (60/25/15%), 1-6 turns, answers of
   ~90 tokens with a long tail;
 - text-only (15%): long documents or text SFT, median ~1800 tokens; a few exceed an 8k budget and are dropped.
+Each record: llm_tokens, vit_patches, images, kind, and for FLOPs counting (tools/bench_rank_balance.py) the
+supervised tokens (answers and their <|im_end|>; all of a text sample) and each image's patch grid [t, h, w].
 """
 
 from __future__ import annotations
@@ -34,34 +36,50 @@ def _lognormal(rng: random.Random, median: float, sigma: float, low: float, high
     return int(min(high, max(low, round(rng.lognormvariate(math.log(median), sigma)))))
 
 
-def _image(rng: random.Random, median_pixels: float) -> tuple[int, int]:
-    """(LLM tokens, ViT patches) of one image: lognormal area, log-uniform aspect ratio in [1/2, 2]."""
+def _image(rng: random.Random, median_pixels: float) -> tuple[int, int, list[int]]:
+    """(LLM tokens, ViT patches, patch grid [t, h, w]) of one image: lognormal area, log-uniform aspect in [1/2, 2]."""
     area = rng.lognormvariate(math.log(median_pixels), 0.6)
     aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
     height, width = (max(1, round(math.sqrt(area / aspect))), max(1, round(math.sqrt(area * aspect))))
     height, width = smart_resize(height, width, MIX_SPEC)
-    patches = (height // MIX_SPEC.patch_size) * (width // MIX_SPEC.patch_size)
-    return patches // MIX_SPEC.merge_size**2, patches
+    rows, columns = height // MIX_SPEC.patch_size, width // MIX_SPEC.patch_size
+    return rows * columns // MIX_SPEC.merge_size**2, rows * columns, [1, rows, columns]
 
 
 def _caption(rng: random.Random) -> dict:
-    tokens, patches = _image(rng, 500 * 400)
-    text = _lognormal(rng, 15, 0.5, 3, 80) + 5  # the caption and the prompt
-    tokens += 2 * TURN_FRAMING + IMAGE_FRAMING + text
-    return {"llm_tokens": tokens, "vit_patches": patches, "images": 1, "kind": "caption"}
+    tokens, patches, grid = _image(rng, 500 * 400)
+    caption = _lognormal(rng, 15, 0.5, 3, 80)
+    tokens += 2 * TURN_FRAMING + IMAGE_FRAMING + caption + 5  # the caption and the prompt
+    return {
+        "llm_tokens": tokens,
+        "vit_patches": patches,
+        "images": 1,
+        "kind": "caption",
+        "supervised": caption + 1,  # the answer and its <|im_end|>
+        "grids": [grid],
+    }
 
 
 def _conversation(rng: random.Random) -> dict:
     images = rng.choices([1, 2, 3], [0.60, 0.25, 0.15])[0]
     sizes = [_image(rng, 800 * 600) for _ in range(images)]
     turns = rng.randint(1, 6)
-    text = sum(_lognormal(rng, 15, 0.6, 3, 200) + _lognormal(rng, 90, 0.8, 5, 1200) for _ in range(turns))
-    tokens = 2 * turns * TURN_FRAMING + images * IMAGE_FRAMING + text + sum(t for t, _ in sizes)
-    return {"llm_tokens": tokens, "vit_patches": sum(p for _, p in sizes), "images": images, "kind": "conversation"}
+    texts = [(_lognormal(rng, 15, 0.6, 3, 200), _lognormal(rng, 90, 0.8, 5, 1200)) for _ in range(turns)]
+    text = sum(question + answer for question, answer in texts)
+    tokens = 2 * turns * TURN_FRAMING + images * IMAGE_FRAMING + text + sum(t for t, _, _ in sizes)
+    return {
+        "llm_tokens": tokens,
+        "vit_patches": sum(p for _, p, _ in sizes),
+        "images": images,
+        "kind": "conversation",
+        "supervised": sum(answer + 1 for _, answer in texts),
+        "grids": [g for _, _, g in sizes],
+    }
 
 
 def _text(rng: random.Random) -> dict:
-    return {"llm_tokens": _lognormal(rng, 1800, 0.7, 256, 32768), "vit_patches": 0, "images": 0, "kind": "text"}
+    tokens = _lognormal(rng, 1800, 0.7, 256, 32768)
+    return {"llm_tokens": tokens, "vit_patches": 0, "images": 0, "kind": "text", "supervised": tokens, "grids": []}
 
 
 def make_mix(samples: int, seed: int, shares: MixShares = MixShares()) -> list[dict]:

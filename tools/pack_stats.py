@@ -89,9 +89,15 @@ class PackStats:
         return result
 
 
-def simulate(items: Iterator[tuple[Item | None, str | None, float]], budget: Budget, buffer: int) -> PackStats:
-    """Run (item, drop reason, encode seconds) through PackPlanner; the packing time alone is measured."""
-    stats = PackStats(budget, buffer)
+def simulate(
+    items: Iterator[tuple[Item | None, str | None, float]], budget: Budget, buffer: int, stats: PackStats | None = None
+) -> PackStats:
+    """Run (item, drop reason, encode seconds) through PackPlanner; the packing time alone is measured.
+
+    Each item's payload becomes its index in `items`; `stats` (a PackStats, or a subclass that also looks at the
+    packs) collects the figures.
+    """
+    stats = PackStats(budget, buffer) if stats is None else stats
     packer = PackPlanner(budget, buffer)
     arrivals: dict[int, int] = {}
     for index, (item, reason, encode_seconds) in enumerate(items):

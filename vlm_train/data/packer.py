@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
+from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import EncodedSample
-from vlm_train.data.pack_planner import SKIP_REASONS, Budget, Item, PackPlanner
+from vlm_train.data.pack_cost import FlopsCost
+from vlm_train.data.pack_planner import SKIP_REASONS, Budget, FlopsTarget, Item, PackPlanner
 from vlm_train.data.tokenizer import SpecialIds
 from vlm_train.data.truncate import truncate
 
@@ -24,14 +26,27 @@ class PackConfig:
     max_images: int = 0  # images per pack; 0: no limit
     buffer_size: int = 64  # samples held while choosing packs (more while they hold under two packs of tokens)
     too_long: str = "drop"  # a sample over a budget: drop (counted) | truncate (text cut at the end, images whole)
+    # FLOPs balancing, so that data-parallel ranks packing their own streams finish their steps together: each
+    # pack's training FLOPs are kept within this share of the buffer's average FLOPs per token x llm_budget.
+    # 0: off. Active only with flops_cost.
+    flops_corridor: float = 0.002
+    # Per-sample FLOPs coefficients of the model being trained; the trainer sets them from the model config
+    # (vlm_train.model.flops.flops_cost). None: no FLOPs balancing.
+    flops_cost: Optional[FlopsCost] = None
 
     def budget(self) -> Budget:
         if self.too_long not in TOO_LONG_POLICIES:
             raise ValueError(f"data.pack.too_long must be one of {TOO_LONG_POLICIES}, got {self.too_long!r}")
         if self.buffer_size <= 0:
             raise ValueError(f"data.pack.buffer_size must be positive, got {self.buffer_size}")
+        if not self.flops_corridor >= 0:
+            raise ValueError(f"data.pack.flops_corridor must be >= 0 (0: off), got {self.flops_corridor}")
+        flops = None
+        if self.flops_cost is not None and self.flops_corridor > 0:
+            cost = self.flops_cost if isinstance(self.flops_cost, FlopsCost) else FlopsCost(**self.flops_cost)
+            flops = FlopsTarget(cost, self.flops_corridor)
         try:
-            return Budget(self.llm_budget, self.vit_budget, self.max_images)
+            return Budget(self.llm_budget, self.vit_budget, self.max_images, flops)
         except ValueError as exc:
             raise ValueError(f"data.pack: {exc} (llm_budget, vit_budget > 0; max_images >= 0)") from exc
 
@@ -96,21 +111,33 @@ class Packer:
             "counts": dict(self.counts),
         }
 
-    def load_state_dict(self, state: dict[str, Any], resolve: Callable[[dict[str, Any]], EncodedSample]) -> None:
-        """Rebuild the buffer: `resolve(key)` re-encodes the sample of each saved restore key."""
+    def load_state_dict(
+        self,
+        state: dict[str, Any],
+        resolve: Callable[[dict[str, Any]], EncodedSample],
+        on_drop: Callable[[dict[str, Any], SkipSample], None] | None = None,
+    ) -> None:
+        """Rebuild the buffer: `resolve(key)` re-encodes the sample of each saved restore key.
+
+        Saved under larger budgets (a curriculum stage lowered them), a buffered sample over the new ones follows
+        data.pack.too_long, as a new one would: truncated, or dropped, counted and reported to `on_drop`. (A
+        truncation is not counted again: the state does not say whether the sample was cut when it came in.)
+        """
         self.packer = PackPlanner(self.budget, self.cfg.buffer_size)
+        self.counts = Counter(state.get("counts", {}))
         items = []
         for key in state["buffer"]:
+            sample = resolve(key)
             try:
-                items.append(_item(self.check(resolve(key))))
+                items.append(_item(self.check(sample)))
             except SkipSample as exc:
-                raise ValueError(
-                    f"packer state: buffered sample {key} no longer fits the pack budgets ({exc}); "
-                    "resume with the data.pack settings it was saved with"
-                ) from exc
+                self.counts[f"dropped/{exc.reason}"] += 1
+                if on_drop is not None:
+                    on_drop(key, exc)
         self.packer.restore(items, int(state["seen_tokens"]), int(state["seen_patches"]))
-        self.counts = Counter(state.get("counts", {}))
 
 
 def _item(sample: EncodedSample) -> Item:
-    return Item(sample.num_tokens, sample.num_patches, int(sample.image_grid_thw.shape[0]), sample)
+    grids = tuple((t, h, w) for t, h, w in sample.image_grid_thw.tolist())
+    supervised = int((sample.labels != IGNORE_INDEX).sum())
+    return Item(sample.num_tokens, sample.num_patches, len(grids), sample, supervised=supervised, grids=grids)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,10 @@ STATE_VERSION = 1
 
 def _ref(key: dict[str, Any]) -> tuple[str, int]:
     return key["url"], int(key["index"])
+
+
+def _images(sample: EncodedSample) -> int:
+    return int(sample.image_grid_thw.shape[0])
 
 
 class SlotStream:
@@ -166,12 +171,38 @@ class SlotStream:
                     "did the data or the data config change?"
                 ) from exc
 
+        self.skipped = Counter(state["skipped"])
+        self._since_pack = Counter()  # drops under budgets lower than the state's ride on the next pack
         self.packer = Packer(self.cfg.pack, special=self.encoder.special)
-        self.packer.load_state_dict(state["packer"], resolve)
-        self.pending = [[resolve(k) for k in pack] for pack in state["pending"]]
+        self.pending, repack = self._restore_pending(state["pending"], resolve)
+        packer_state = {**state["packer"], "buffer": repack + state["packer"]["buffer"]}
+        self.packer.load_state_dict(packer_state, resolve, lambda key, exc: self._count(key["source"], exc.reason))
+        if repack or self._since_pack:
+            log.warning(
+                "loader state saved under larger pack budgets: %d pending sample(s) packed again, dropped %s",
+                len(repack),
+                dict(self._since_pack) or "none",
+            )
         self.mixture = rng_from_state(state["mixture"])
         self.weights = [float(w) for w in state["weights"]]
         self.failures = int(state["failures"])
-        self.skipped = Counter(state["skipped"])
-        self._since_pack = Counter()
         self.packs = int(state["packs"])
+
+    def _restore_pending(
+        self, saved: list[list[dict[str, Any]]], resolve: Callable[[dict[str, Any]], EncodedSample]
+    ) -> tuple[list[list[EncodedSample]], list[dict[str, Any]]]:
+        """The saved packs not handed out yet that fit the budgets, and the keys of those that no longer do (a
+        stage lowered the budgets): their samples go back into the packing buffer, first, to be packed again."""
+        pending, repack = [], []
+        for keys in saved:
+            try:
+                pack = [self.packer.check(resolve(k)) for k in keys]  # cut again, if they were cut to fit
+            except SkipSample:
+                repack.extend(keys)
+                continue
+            sizes = (sum(s.num_tokens for s in pack), sum(s.num_patches for s in pack), sum(_images(s) for s in pack))
+            if self.packer.budget.overflow(*sizes) is None:
+                pending.append(pack)
+            else:
+                repack.extend(keys)
+        return pending, repack

@@ -2,7 +2,7 @@
 
 from .attention import ATTENTION_BACKENDS, resolve_backend, varlen_attention
 from .config import LLMConfig, ModelConfig, VisionConfig
-from .flops import PackFlops, pack_flops
+from .flops import PackFlops, TrainedParts, flops_cost, pack_flops, sizes_flops
 from .llm import DecoderLM
 from .projector import PatchMerger
 from .vit import VisionTransformer
@@ -16,10 +16,13 @@ __all__ = [
     "ModelConfig",
     "PackFlops",
     "PatchMerger",
+    "TrainedParts",
     "VLMOutput",
     "VisionConfig",
     "VisionTransformer",
+    "flops_cost",
     "pack_flops",
     "resolve_backend",
+    "sizes_flops",
     "varlen_attention",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -11,9 +12,11 @@ from vlm_train.data.config import DataConfig
 from vlm_train.data.encode import Encoder
 from vlm_train.data.image import PatchSpec
 from vlm_train.data.loader import PackedStream, Source, expand_urls
+from vlm_train.data.pack_cost import FlopsCost
 from vlm_train.data.synthetic import corpus_lines, ensure_synthetic_shards
 from vlm_train.data.tokenizer import load_tokenizer
 from vlm_train.model.config import ModelConfig
+from vlm_train.model.flops import flops_cost
 from vlm_train.model.hf import apply_hf_init
 from vlm_train.model.vlm import VLM
 
@@ -24,6 +27,7 @@ class DataSetup:
     encoder: Encoder
     sources: list[Source]
     heldout_urls: list[str]
+    flops_cost: FlopsCost | None = None  # the model's per-sample training FLOPs, for the packer's FLOPs balancing
 
 
 def patch_spec(model: ModelConfig, data: DataConfig) -> PatchSpec:
@@ -55,7 +59,8 @@ def build_data(data: DataConfig, model: ModelConfig) -> DataSetup:
                 f"data source {source.name!r}: {len(missing)} shard(s) not found, e.g. {missing[0]}"
             )
     tokenizer = load_tokenizer(data.tokenizer, corpus=corpus_lines())
-    return DataSetup(tokenizer, build_encoder(tokenizer, data, model), sources, heldout)
+    cost = flops_cost(model, vocab_size=model.llm.vocab_size or len(tokenizer))
+    return DataSetup(tokenizer, build_encoder(tokenizer, data, model), sources, heldout, cost)
 
 
 def build_encoder(tokenizer: PreTrainedTokenizerBase, data: DataConfig, model: ModelConfig) -> Encoder:
@@ -66,6 +71,8 @@ def build_encoder(tokenizer: PreTrainedTokenizerBase, data: DataConfig, model: M
 def build_stream(
     setup: DataSetup, data: DataConfig, seed: int, rank: int = 0, world_size: int = 1, encoder: Encoder | None = None
 ) -> PackedStream:
+    if setup.flops_cost is not None and data.pack.flops_cost is None:  # FLOPs balancing needs the model's costs
+        data = dataclasses.replace(data, pack=dataclasses.replace(data.pack, flops_cost=setup.flops_cost))
     return PackedStream(setup.sources, encoder or setup.encoder, data, seed=seed, rank=rank, world_size=world_size)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from vlm_train.data.batch import PackedBatch
-from vlm_train.model.flops import pack_flops
+from vlm_train.model.flops import TrainedParts, pack_flops
 from vlm_train.train import distributed as D
 from vlm_train.train import loss as L
 from vlm_train.train.config import LossConfig
@@ -81,14 +81,23 @@ def forward_backward(
     return result
 
 
-def pack_stats(result: StepResult, packs: list[PackedBatch], engine: Engine, llm_budget: int, vit_budget: int) -> None:
-    """Add this rank's sizes, FLOPs and packing fill to `result` (summed over ranks in finish_step)."""
+def pack_stats(
+    result: StepResult,
+    packs: list[PackedBatch],
+    engine: Engine,
+    llm_budget: int,
+    vit_budget: int,
+    trained: TrainedParts | None = None,
+) -> None:
+    """Add this rank's sizes, FLOPs (of the parts that run backward: `trained`, default all) and packing fill to
+    `result` (summed over ranks in finish_step)."""
+    trained = trained or TrainedParts()
     for pack in packs:
         result.tokens += pack.num_tokens
         result.samples += pack.num_samples
         result.supervised += int((pack.labels != L.IGNORE_INDEX).sum())
         result.patches += pack.num_patches
-        result.flops += pack_flops(engine.model.cfg, pack).training
+        result.flops += pack_flops(engine.model.cfg, pack).trained(trained)
         result.packs += 1
         result.llm_fill += pack.num_tokens / llm_budget
         result.vit_fill += pack.num_patches / vit_budget

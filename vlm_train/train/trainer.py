@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from vlm_train import runtime
 from vlm_train.devices import pick_device
 from vlm_train.jsonio import dumps
+from vlm_train.model.flops import TrainedParts
 from vlm_train.train import distributed as D
 from vlm_train.train.builders import build_data, build_model
 from vlm_train.train.checkpoint import Checkpointer, Launch, RandomState
@@ -137,6 +138,7 @@ class Trainer:
         self.engine.start_stage(make_groups, self.position.stage)
         self.data.enter(stage)
         self.policy = stage_loss(cfg.loss, stage)
+        self.trained_parts = TrainedParts.of(self.engine.model)  # what runs backward, for the stage's MFU
         # ZeRO-3 leaves a partition in each parameter; ds_numel is its full size.
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.model.parameters() if p.requires_grad)
         length = f"{stage.steps} steps" if stage.steps else f"{stage.tokens} tokens"
@@ -162,7 +164,7 @@ class Trainer:
             nan=self.faults.nan_loss(step),
             inf_grad=lambda model: self.faults.inf_grad(step, model),
         )
-        pack_stats(result, packs, self.engine, *self.data.budgets)
+        pack_stats(result, packs, self.engine, *self.data.budgets, trained=self.trained_parts)
         result = finish_step(self.engine, result, self.guard, self.stop.received)
         self.position.advance(result.tokens)
         self.guard.record(self.position.step, result.loss, result.skipped)

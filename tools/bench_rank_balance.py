@@ -21,7 +21,6 @@ flush (a training stream never ends):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -35,6 +34,7 @@ import yaml
 
 import vlm_train.conf
 from vlm_train.data.pack_planner import SKIP_REASONS, Budget, FlopsTarget, Item
+from vlm_train.jsonio import dumps
 from vlm_train.model.config import ModelConfig
 from vlm_train.model.flops import flops_cost, llm_flops, sizes_flops, vision_flops
 
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget = Budget(args.llm_budget, args.vit_budget, args.max_images, target)
         runs[str(corridor)] = _run(streams, budget, args.buffer, flops_of, args)
     settings = {k: getattr(args, k) for k in ("model", "ranks", "samples_per_rank", "seed", "llm_budget", "vit_budget")}
-    print(json.dumps({**settings, "max_images": args.max_images, "buffer": args.buffer, "corridors": runs}))
+    print(dumps({**settings, "max_images": args.max_images, "buffer": args.buffer, "corridors": runs}))
     return 0
 
 

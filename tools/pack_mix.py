@@ -12,12 +12,12 @@ supervised tokens (answers and their <|im_end|>; all of a text sample) and each 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
 
 from vlm_train.data.image import PatchSpec, smart_resize
+from vlm_train.jsonio import dumps
 
 # Qwen2-VL processor defaults, but images capped at 1024 tokens, as many fine-tuning recipes do.
 MIX_SPEC = PatchSpec(min_pixels=56 * 56, max_pixels=1024 * 28 * 28)
@@ -92,4 +92,4 @@ def make_mix(samples: int, seed: int, shares: MixShares = MixShares()) -> list[d
 
 def write_mix(path: str, samples: int, seed: int) -> None:
     with open(path, "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in make_mix(samples, seed))
+        f.writelines(dumps(record) + "\n" for record in make_mix(samples, seed))

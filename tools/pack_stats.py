@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from vlm_train.data.pack_planner import SKIP_REASONS, Budget, Item, PackPlanner
+from vlm_train.jsonio import dumps
 
 try:
     from tools.pack_mix import write_mix
@@ -232,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_mix:
         write_mix(args.make_mix, args.samples, args.seed)
-        print(json.dumps({"wrote": args.make_mix, "samples": args.samples, "seed": args.seed}))
+        print(dumps({"wrote": args.make_mix, "samples": args.samples, "seed": args.seed}))
         return 0
     try:
         budget = Budget(args.llm_budget, args.vit_budget, args.max_images)
@@ -245,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot:
         plot(stats, args.plot)
     if args.json:
-        print(json.dumps(summary))
+        print(dumps(summary))
     else:
         for key, value in summary.items():
             print(f"{key:>20}: {value:.4f}" if isinstance(value, float) else f"{key:>20}: {value}")

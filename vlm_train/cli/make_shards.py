@@ -66,7 +66,7 @@ def llava_samples(json_path: str, image_root: str, skipped: Counter) -> Iterator
         for i, (ext, data) in enumerate(members if len(members) > 1 else []):
             sample[f"{i}.{ext}"] = data
         meta = {k: v for k, v in record.items() if k != "image"}
-        sample["json"] = json.dumps(meta, ensure_ascii=False).encode("utf-8")
+        sample["json"] = dumps(meta, ensure_ascii=False).encode("utf-8")
         yield sample
 
 

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 
 from vlm_train.data.formats import CAPTION_PROMPT, GROUNDING_PROMPT
 from vlm_train.data.grounding import format_box, format_point
+from vlm_train.jsonio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ def _write_split(folder: str, split: str, num_images: int, cfg: Any) -> None:
         writers[names["caption"]].write({"__key__": key + "c", "png": png, "txt": caption_text(objects).encode()})
         target = rng.choice(objects)
         meta = {"task": "grounding", "phrase": phrase(target), "box": target["box"], "box_format": "pixels"}
-        writers[names["grounding"]].write({"__key__": key + "g", "png": png, "json": json.dumps(meta).encode()})
+        writers[names["grounding"]].write({"__key__": key + "g", "png": png, "json": dumps(meta).encode()})
     for writer in writers.values():
         writer.close()
 
@@ -261,7 +262,7 @@ def _generate(cfg: Any, final: str) -> None:
             f.name: getattr(cfg, f.name) for f in dataclasses.fields(SyntheticConfig) if f.name not in _NOT_IN_CACHE_KEY
         }
         with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump({"format_version": FORMAT_VERSION, "config": info}, f, indent=2)
+            f.write(dumps({"format_version": FORMAT_VERSION, "config": info}, indent=2))
         if os.path.isdir(final) and not os.path.exists(os.path.join(final, MARKER)):
             # Only complete folders are ever renamed into place, so this one was damaged by hand: replace it.
             log.warning("replacing incomplete synthetic dataset folder %s", final)

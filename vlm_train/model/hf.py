@@ -10,12 +10,12 @@ Equal logits to transformers' implementation are what tests/test_hf.py checks.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..jsonio import dumps
 from .config import ModelConfig
 from .hf_config import (
     LLM_SEMANTIC_FIELDS,
@@ -148,9 +148,9 @@ def to_hf(
     for old in out.glob("model*.safetensors*"):
         old.unlink()  # stale shards of an earlier export would be picked up by the index-less loader
     save_torch_state_dict(state, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "config.json").write_text(dumps(config, indent=2) + "\n")
     generation = {k: tokens[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if tokens.get(k) is not None}
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (out / "generation_config.json").write_text(dumps(generation, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
         _write_image_processor(out, vision)
@@ -228,4 +228,4 @@ def _write_image_processor(out: Path, vision) -> None:
         "temporal_patch_size": vision.temporal_patch_size,
         "merge_size": vision.spatial_merge_size,
     }
-    (out / "preprocessor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "preprocessor_config.json").write_text(dumps(config, indent=2) + "\n")

@@ -30,12 +30,12 @@ setup(
     entry_points={
         "console_scripts": [
             "vlm-train=vlm_train.train.main:main",
-            "vlm-generate=vlm_train.cli.generate:console",
-            "vlm-evaluate=vlm_train.cli.evaluate:console",
-            "vlm-convert-hf=vlm_train.cli.convert_hf:console",
-            "vlm-merge-checkpoints=vlm_train.cli.merge_checkpoints:console",
-            "vlm-make-shards=vlm_train.cli.make_shards:console",
-            "vlm-inspect-shards=vlm_train.cli.inspect_shards:console",
+            "vlm-generate=vlm_train.cli:vlm_generate",
+            "vlm-evaluate=vlm_train.cli:vlm_evaluate",
+            "vlm-convert-hf=vlm_train.cli:vlm_convert_hf",
+            "vlm-merge-checkpoints=vlm_train.cli:vlm_merge_checkpoints",
+            "vlm-make-shards=vlm_train.cli:vlm_make_shards",
+            "vlm-inspect-shards=vlm_train.cli:vlm_inspect_shards",
         ]
     },
 )

@@ -92,10 +92,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def console() -> None:
-    """The `vlm-convert-hf` command (main's return value is for callers in Python, not the exit status)."""
-    main()
-
-
 if __name__ == "__main__":
     main()

@@ -116,10 +116,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
-def console() -> None:
-    """The `vlm-inspect-shards` command (main's return value is for callers in Python, not the exit status)."""
-    main()
-
-
 if __name__ == "__main__":
     main()

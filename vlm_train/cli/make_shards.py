@@ -151,10 +151,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
-def console() -> None:
-    """The `vlm-make-shards` command (main's return value is for callers in Python, not the exit status)."""
-    main()
-
-
 if __name__ == "__main__":
     main()

@@ -199,10 +199,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
-def console() -> None:
-    """The `vlm-merge-checkpoints` command (main's return value is for callers in Python, not the exit status)."""
-    main()
-
-
 if __name__ == "__main__":
     main()

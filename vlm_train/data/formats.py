@@ -31,6 +31,7 @@ from vlm_train.data.grounding import (
 )
 
 IMAGE_PLACEHOLDER = "<image>"
+TASKS = ("caption", "conversation", "grounding", "text")  # Sample.task of the training formats
 CAPTION_PROMPT = "Describe the image."
 GROUNDING_PROMPT = "Where is the {phrase}?"
 POINT_PROMPT = "Point to the {phrase}."

@@ -176,16 +176,19 @@ def weighted_loss(token_losses: torch.Tensor, coefficients: torch.Tensor) -> tor
     return (token_losses * coefficients).sum()
 
 
+def sample_loss_sums(batch: PackedBatch, token_losses: torch.Tensor) -> torch.Tensor:
+    """[S, 2] float64 on the losses' device: each sample's summed token loss and supervised-token count."""
+    supervised = (batch.labels != IGNORE_INDEX).double()
+    sums = torch.zeros(batch.num_samples, 2, dtype=torch.float64, device=token_losses.device)
+    values = torch.stack([token_losses.detach().double() * supervised, supervised], dim=1)
+    return sums.index_add_(0, batch.sample_index, values)
+
+
 def loss_sums_by(batch: PackedBatch, token_losses: torch.Tensor, field: str) -> dict[str, tuple[float, int]]:
     """Sum of token losses and supervised-token count per value of a meta field (source, task)."""
-    supervised = batch.labels != IGNORE_INDEX
-    sums = torch.bincount(
-        batch.sample_index, weights=token_losses.detach().double() * supervised, minlength=batch.num_samples
-    )
-    counts = _supervised_per_sample(batch)
     result: dict[str, tuple[float, int]] = {}
-    for meta, loss_sum, count in zip(batch.meta, sums.tolist(), counts.tolist()):
+    for meta, (loss_sum, count) in zip(batch.meta, sample_loss_sums(batch, token_losses).tolist()):
         key = str(meta.get(field, "?"))
         total, n = result.get(key, (0.0, 0))
-        result[key] = (total + loss_sum, n + count)
+        result[key] = (total + loss_sum, n + int(count))
     return result

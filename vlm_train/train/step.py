@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from vlm_train.data.batch import PackedBatch
+from vlm_train.data.formats import TASKS
 from vlm_train.model.flops import TrainedParts, pack_flops
 from vlm_train.train import distributed as D
 from vlm_train.train import loss as L
@@ -18,11 +19,41 @@ from vlm_train.train.engines import Engine
 from vlm_train.train.guards import NONFINITE_GRAD, Guard
 
 Sums = dict[str, tuple[float, int]]
+OTHER = "other"  # the group of a source or task that LossGroups does not name
+
+
+@dataclass(frozen=True)
+class LossGroups:
+    """The names a step's token losses are summed under, per source and per task. Every rank must list the same
+    names in the same order: the sums travel in one all-reduced tensor."""
+
+    sources: tuple[str, ...]
+    tasks: tuple[str, ...] = TASKS
+
+    @classmethod
+    def of(cls, packs: list[PackedBatch]) -> LossGroups:
+        """The sources of these packs (one process only: other ranks' packs may name others)."""
+        return cls(tuple(sorted({str(m.get("source")) for p in packs for m in p.meta})))
+
+    @property
+    def names(self) -> list[tuple[str, str]]:
+        """(field, name) of every row of the sums, with an OTHER row per field."""
+        return [("source", n) for n in (*self.sources, OTHER)] + [("task", n) for n in (*self.tasks, OTHER)]
+
+    def rows(self, pack: PackedBatch) -> tuple[list[int], list[int]]:
+        """The row of each sample of the pack in the sums: for its source, and for its task."""
+        sources = {n: i for i, n in enumerate(self.sources)}
+        tasks = {n: len(self.sources) + 1 + i for i, n in enumerate(self.tasks)}
+        meta = pack.meta or [{}] * pack.num_samples
+        return (
+            [sources.get(str(m.get("source")), len(self.sources)) for m in meta],
+            [tasks.get(str(m.get("task")), len(self.sources) + 1 + len(self.tasks)) for m in meta],
+        )
 
 
 @dataclass
 class StepResult:
-    """What one optimizer step did, summed over all ranks."""
+    """What one optimizer step did, summed over all ranks (after finish_step; before it, this rank's share)."""
 
     loss: float
     grad_norm: float = float("nan")
@@ -38,12 +69,9 @@ class StepResult:
     stop: bool = False  # some rank received SIGTERM
     by_source: Sums = field(default_factory=dict)
     by_task: Sums = field(default_factory=dict)
-
-
-def _merge(into: Sums, new: Sums) -> None:
-    for key, (total, count) in new.items():
-        old_total, old_count = into.get(key, (0.0, 0))
-        into[key] = (old_total + total, old_count + count)
+    # This rank's loss sums and supervised-token counts per group, on the device until finish_step adds them up.
+    groups: LossGroups | None = None
+    group_sums: torch.Tensor | None = None
 
 
 def forward_backward(
@@ -52,33 +80,40 @@ def forward_backward(
     policy: LossConfig,
     nan: bool = False,
     inf_grad: Callable[[nn.Module], Callable[[], None]] | None = None,
+    groups: LossGroups | None = None,
 ) -> StepResult:
-    """Forward and backward over this rank's micro-batches, each weighted by the step's global normalisers."""
+    """Forward and backward over this rank's micro-batches, each weighted by the step's global normalisers.
+
+    Nothing here waits for the device until the end, where the step's loss is read once (the guard needs it before
+    the update anyway); the per-source and per-task sums stay on the device for finish_step's one all-reduce.
+    """
     local = sum((L.pack_totals(p, policy) for p in packs), L.StepTotals(0, 0))
-    totals = L.StepTotals.from_tensor(D.all_reduce(local.to_tensor()))
+    totals = L.StepTotals.from_tensor(D.all_reduce(local.to_tensor()))  # CPU numbers: no wait on the device
     # ZeRO-3 gathers the head's weight at each call and the calls must match across ranks: one call per pack.
     chunk = 0 if engine.zero_stage == 3 else L.DEFAULT_CHUNK_SIZE
-    module, head = engine.forward_module(), engine.model.llm.lm_head
-    result = StepResult(loss=0.0)
-    step_loss = torch.zeros((), dtype=torch.float64)
+    module, head, device = engine.forward_module(), engine.model.llm.lm_head, engine.device
+    groups = groups or LossGroups.of(packs)
+    sums = torch.zeros(len(groups.names), 2, dtype=torch.float64, device=device)
+    step_loss = torch.zeros((), dtype=torch.float64, device=device)
     undo = inf_grad(engine.model) if inf_grad is not None else None  # fault injection
     for pack in packs:
         coefficients = L.token_coefficients(pack, totals, policy)
-        moved = pack.to(engine.device, non_blocking=True)
+        source_rows, task_rows = groups.rows(pack)
+        moved = pack.to(device, non_blocking=True)
         with engine.autocast():
             hidden = module(moved, return_logits=False).hidden
             token_losses = L.token_cross_entropy(hidden, moved.labels, head=head, chunk_size=chunk)
-        micro = L.weighted_loss(token_losses, coefficients.to(engine.device))
+        micro = L.weighted_loss(token_losses, coefficients.to(device))
         if nan:
             micro = micro * float("nan")  # fault injection: a NaN this step
         engine.backward(micro)
-        step_loss += micro.detach().double().cpu()
-        _merge(result.by_source, L.loss_sums_by(moved, token_losses, "source"))
-        _merge(result.by_task, L.loss_sums_by(moved, token_losses, "task"))
+        step_loss += micro.detach().double()
+        per_sample = L.sample_loss_sums(moved, token_losses)  # [S, 2]: loss sum, supervised tokens
+        rows = torch.tensor(source_rows + task_rows, device=device)
+        sums.index_add_(0, rows, torch.cat([per_sample, per_sample]))
     if undo is not None:
         undo()
-    result.loss = float(step_loss)
-    return result
+    return StepResult(loss=float(step_loss), groups=groups, group_sums=sums)
 
 
 def pack_stats(
@@ -90,7 +125,7 @@ def pack_stats(
     trained: TrainedParts | None = None,
 ) -> None:
     """Add this rank's sizes, FLOPs (of the parts that run backward: `trained`, default all) and packing fill to
-    `result` (summed over ranks in finish_step)."""
+    `result` (summed over ranks in finish_step); the packs are the loader's, on the host."""
     trained = trained or TrainedParts()
     for pack in packs:
         result.tokens += pack.num_tokens
@@ -104,20 +139,24 @@ def pack_stats(
 
 
 def finish_step(engine: Engine, result: StepResult, guard: Guard, stop: bool) -> StepResult:
-    """Sum the step's numbers over ranks, let the guard judge the global loss, and update (or skip)."""
+    """Sum the step's numbers over ranks (one all-reduce, one read), let the guard judge the global loss, and update
+    (or skip)."""
     fields = ("loss", "tokens", "samples", "supervised", "patches", "flops", "packs", "llm_fill", "vit_fill")
-    summed = D.all_reduce(
-        torch.tensor([float(getattr(result, f)) for f in fields] + [float(stop)], dtype=torch.float64)
-    )
+    scalars = torch.tensor([float(getattr(result, f)) for f in fields] + [float(stop)], dtype=torch.float64)
+    sums = result.group_sums
+    if sums is None:
+        sums = torch.zeros(0, 2, dtype=torch.float64)
+    summed = D.all_reduce(torch.cat([scalars.to(sums.device), sums.flatten()]))
     values = summed.tolist()
     for name, value in zip(fields, values):
         setattr(result, name, value if isinstance(getattr(result, name), float) else int(value))
-    result.stop = values[-1] > 0
-    gathered = D.all_gather_object((result.by_source, result.by_task))
+    result.stop = values[len(fields)] > 0
     result.by_source, result.by_task = {}, {}
-    for by_source, by_task in gathered:
-        _merge(result.by_source, by_source)
-        _merge(result.by_task, by_task)
+    group_values = values[len(fields) + 1 :]
+    for i, (kind, name) in enumerate(result.groups.names if result.groups is not None else []):
+        total, count = group_values[2 * i], int(group_values[2 * i + 1])
+        if count:
+            (result.by_source if kind == "source" else result.by_task)[name] = (total, count)
     result.skipped = guard.check_loss(result.loss)
     report = engine.step(skip=result.skipped is not None)
     result.grad_norm = report.grad_norm

@@ -31,7 +31,7 @@ from vlm_train.train.guards import FaultInjector, Guard, StopSignal
 from vlm_train.train.metrics import MetricsLogger, format_duration, step_record
 from vlm_train.train.schedule import Position, estimate_total_steps
 from vlm_train.train.stage_data import RankData
-from vlm_train.train.step import StepResult, finish_step, forward_backward, pack_stats
+from vlm_train.train.step import LossGroups, StepResult, finish_step, forward_backward, pack_stats
 from vlm_train.train.throughput import device_peak_flops, memory_gb, mfu
 
 log = logging.getLogger("vlm_train")
@@ -67,6 +67,7 @@ class Trainer:
         self.position = Position()
         self.rng = RandomState()
         self.evaluator = self._make_evaluator()
+        self.loss_groups = LossGroups(tuple(s.name for s in self.setup.sources))  # the same on every rank
         self.last_eval: tuple[int, HeldoutResult] | None = None
 
         self.checkpointer.register("position", self.position)
@@ -163,6 +164,7 @@ class Trainer:
             self.policy,
             nan=self.faults.nan_loss(step),
             inf_grad=lambda model: self.faults.inf_grad(step, model),
+            groups=self.loss_groups,
         )
         pack_stats(result, packs, self.engine, *self.data.budgets, trained=self.trained_parts)
         result = finish_step(self.engine, result, self.guard, self.stop.received)
@@ -180,12 +182,18 @@ class Trainer:
             self.guard.skipped,
             mfu(result.flops, seconds, self.peak, self.dist.world_size),
         )
-        record.update(self._data_skips())
+        if self._counters_due(stage):
+            record.update(self._data_skips())  # a collective of Python objects: not on every step
         record.update(memory_gb(self.device))
         if self._eval_due(stage):
             record.update(self.evaluate().metrics)
         self.metrics.log(record)
         return result
+
+    def _counters_due(self, stage: StageConfig) -> bool:
+        """The data's skip counters are logged on the console's steps and at the end of every stage."""
+        step = self.position.step
+        return step == 1 or step % max(self.cfg.logger.console_interval, 1) == 0 or self.position.stage_done(stage)
 
     def _eval_due(self, stage: StageConfig) -> bool:
         interval, step = self.cfg.eval.interval, self.position.step

@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7", "matplotlib>=3.7", "ruff==0.17.6"],
-        "gpu": ["flash-attn>=2.6"],
+        "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
     },
     entry_points={
         "console_scripts": [

@@ -103,3 +103,33 @@ def test_vlm_hidden_states_with_the_chunked_loss_match_the_logits_path():
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-5)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-7, rtol=1e-4, msg=name)
+
+
+def test_the_liger_kernel_is_an_option_that_says_what_it_needs():
+    from vlm_train.train.config import LossConfig
+
+    hidden, labels, head, _ = _inputs()
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"loss\.kernel=liger cannot run: it needs a CUDA device.*chunked"):
+            L.token_cross_entropy(hidden, labels, head, kernel="liger")
+    with pytest.raises(ValueError, match="kernel 'fused' is not one of"):
+        L.check_loss(LossConfig(kernel="fused"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_liger_kernel_gives_the_chunked_losses_and_gradients_on_a_gpu():
+    from vlm_train.model.fused_loss import liger_problem
+
+    problem = liger_problem(torch.device("cuda"))
+    if problem is not None:
+        pytest.skip(problem)
+    hidden, labels, head, weights = (x.cuda() for x in _inputs())  # tensors and the head module alike
+    results = {}
+    for kernel in ("chunked", "liger"):
+        h = hidden.clone().requires_grad_(True)
+        head.zero_grad()
+        losses = L.token_cross_entropy(h, labels, head, kernel=kernel)
+        (losses * weights).sum().backward()
+        results[kernel] = (losses.detach(), h.grad, head.weight.grad.clone())
+    for ours, reference in zip(results["liger"], results["chunked"]):
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)

@@ -29,6 +29,10 @@ class LossConfig:
     position_power: float = 0.0  # a sample's k-th supervised token (k = 0, 1, ...) is weighted (k + 1) ** -power
     source_weights: dict[str, float] = field(default_factory=dict)  # importance per data source (others: 1)
     importance_field: str = ""  # a per-sample meta field holding an importance factor (absent: 1)
+    # How the LM head and cross-entropy run: chunked (ours: logits of the supervised tokens only, 2048 rows at a
+    # time, recomputed in backward; any device) | liger (liger-kernel's fused linear + cross-entropy: CUDA only,
+    # `pip install 'vlm_train[gpu]'`, not under ZeRO-3, whose head weight is partitioned)
+    kernel: str = "chunked"
 
 
 @dataclass

@@ -19,15 +19,19 @@ import torch.nn.functional as F
 
 from vlm_train.data.batch import IGNORE_INDEX, PackedBatch
 from vlm_train.model.chunked_loss import DEFAULT_CHUNK_SIZE, chunked_cross_entropy
+from vlm_train.model.fused_loss import liger_cross_entropy
 from vlm_train.train.config import LossConfig
 
 AVERAGING = ("token", "sample", "square", "mix")
+KERNELS = ("chunked", "liger")
 
 
 def check_loss(cfg: LossConfig, where: str = "loss") -> None:
     """A clear error for a loss config that cannot work."""
     if cfg.averaging not in AVERAGING:
         raise ValueError(f"{where}: averaging {cfg.averaging!r} is not one of {AVERAGING}")
+    if cfg.kernel not in KERNELS:
+        raise ValueError(f"{where}: kernel {cfg.kernel!r} is not one of {KERNELS}")
     if not 0.0 <= cfg.per_sample_weight <= 1.0:
         raise ValueError(f"{where}: per_sample_weight must be within [0, 1], got {cfg.per_sample_weight}")
     bad = {k: v for k, v in cfg.source_weights.items() if not (math.isfinite(v) and v >= 0)}
@@ -146,13 +150,17 @@ def token_cross_entropy(
     labels: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    kernel: str = "chunked",
 ) -> torch.Tensor:
     """Cross-entropy per token in fp32; 0 where the label is IGNORE_INDEX.
 
     Given `head` (the LM head), the first argument is the hidden states [T, D]: logits are then made for the
     supervised tokens only, `chunk_size` at a time, and never held for the whole pack (see chunked_loss).
-    chunk_size=0 makes them in one call of the head, kept for backward (no recomputation).
+    chunk_size=0 makes them in one call of the head, kept for backward (no recomputation). kernel="liger" runs
+    head and loss as liger-kernel's fused kernel instead (CUDA; see model/fused_loss.py).
     """
+    if head is not None and kernel == "liger":
+        return liger_cross_entropy(logits_or_hidden, head, labels)
     if head is not None and chunk_size > 0:
         return chunked_cross_entropy(logits_or_hidden, head, labels, chunk_size)
     if head is not None:

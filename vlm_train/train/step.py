@@ -91,6 +91,8 @@ def forward_backward(
     totals = L.StepTotals.from_tensor(D.all_reduce(local.to_tensor()))  # CPU numbers: no wait on the device
     # ZeRO-3 gathers the head's weight at each call and the calls must match across ranks: one call per pack.
     chunk = 0 if engine.zero_stage == 3 else L.DEFAULT_CHUNK_SIZE
+    if policy.kernel == "liger" and engine.zero_stage == 3:
+        raise ValueError("loss.kernel=liger reads the LM head's weight whole, which ZeRO-3 partitions: use ZeRO 0-2")
     module, head, device = engine.forward_module(), engine.model.llm.lm_head, engine.device
     groups = groups or LossGroups.of(packs)
     sums = torch.zeros(len(groups.names), 2, dtype=torch.float64, device=device)
@@ -102,7 +104,7 @@ def forward_backward(
         moved = pack.to(device, non_blocking=True)
         with engine.autocast():
             hidden = module(moved, return_logits=False).hidden
-            token_losses = L.token_cross_entropy(hidden, moved.labels, head=head, chunk_size=chunk)
+            token_losses = L.token_cross_entropy(hidden, moved.labels, head, chunk, policy.kernel)
         micro = L.weighted_loss(token_losses, coefficients.to(device))
         if nan:
             micro = micro * float("nan")  # fault injection: a NaN this step

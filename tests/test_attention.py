@@ -83,29 +83,31 @@ def test_cuda_only_backends_fail_clearly_on_cpu(backend):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("backend", [b for b in ATTENTION_BACKENDS if b != "auto"])
-def test_cuda_backends_agree_in_bf16(backend, causal):
+def test_cuda_backends_agree_in_16_bit(backend, causal, dtype):
     device = torch.device("cuda")
-    problem = backend_problem(backend, device, torch.bfloat16)
+    problem = backend_problem(backend, device, dtype)
     if problem is not None:
         pytest.skip(f"{backend}: {problem}")
-    q, k, v, cu, max_len = _inputs(4, 2, d=64, dtype=torch.bfloat16, device="cuda")
+    q, k, v, cu, max_len = _inputs(4, 2, d=64, dtype=dtype, device="cuda")
     out = varlen_attention(q, k, v, cu, max_len, causal=causal, backend=backend)
     ref = _dense_reference(q.float(), k.float(), v.float(), cu, causal)
     torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
-def test_cuda_backend_gradients_agree_with_sdpa_in_bf16(backend):
+def test_cuda_backend_gradients_agree_with_sdpa_in_16_bit(backend, dtype):
     device = torch.device("cuda")
-    problem = backend_problem(backend, device, torch.bfloat16)
+    problem = backend_problem(backend, device, dtype)
     if problem is not None:
         pytest.skip(f"{backend}: {problem}")
     grads = {}
     for name in ("sdpa", backend):
-        q, k, v, cu, max_len = _inputs(4, 2, d=64, dtype=torch.bfloat16, device="cuda", seed=3)
+        q, k, v, cu, max_len = _inputs(4, 2, d=64, dtype=dtype, device="cuda", seed=3)
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         out = varlen_attention(q, k, v, cu, max_len, causal=True, backend=name)
         out.float().square().sum().backward()

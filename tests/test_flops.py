@@ -10,25 +10,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.collate import collate
-from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
+from vlm_train.model import VLM, LLMConfig, ModelConfig
 from vlm_train.model.flops import llm_flops, pack_flops
 from vlm_train.model.vision_layout import random_keep, vision_layout
 from vlm_train.model.vit import float_pixel_values
 
-from helpers import encoder, sample, tiny_tokenizer
+from helpers import encoder, flops_model_config, sample, tiny_tokenizer
 
 
 def _model(window: bool = True) -> VLM:
     torch.manual_seed(0)
-    vision = VisionConfig(
-        hidden_size=32,
-        depth=3,
-        num_heads=2,
-        intermediate_size=48,
-        window_size=56 if window else 0,
-        fullatt_block_indexes=[1] if window else [],
-    )
-    cfg = ModelConfig(vision=vision, llm=LLMConfig(num_kv_heads=1), attn_backend="sdpa")
+    cfg = flops_model_config(window)
     return VLM(cfg, vocab_size=len(tiny_tokenizer()), image_token_id=encoder().special.image_pad)
 
 

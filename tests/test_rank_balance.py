@@ -15,23 +15,9 @@ from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
 from vlm_train.data.image import ImageSampling
 from vlm_train.data.pack_planner import Budget, FlopsTarget, Item, PackPlanner
 from vlm_train.data.packer import PackConfig, Packer, _item
-from vlm_train.model import LLMConfig, ModelConfig, VisionConfig
 from vlm_train.model.flops import flops_cost, pack_flops
 
-from helpers import SPEC, noise_image, tiny_tokenizer
-
-
-def _cfg(window: bool) -> ModelConfig:
-    """The tiny model of tests/test_flops.py (whose pack_flops equals torch's FLOP counter), vocabulary set."""
-    vision = VisionConfig(
-        hidden_size=32,
-        depth=3,
-        num_heads=2,
-        intermediate_size=48,
-        window_size=56 if window else 0,
-        fullatt_block_indexes=[1] if window else [],
-    )
-    return ModelConfig(vision=vision, llm=LLMConfig(num_kv_heads=1, vocab_size=len(tiny_tokenizer())))
+from helpers import SPEC, flops_model_config, noise_image, tiny_tokenizer
 
 
 def _samples(n: int, drop: bool = False) -> list:
@@ -58,7 +44,7 @@ def _cost_of(cost, samples) -> int:
 
 @pytest.mark.parametrize("window", [True, False], ids=["windows", "full"])
 def test_cost_model_equals_pack_flops_on_real_packs(window):
-    cfg = _cfg(window)
+    cfg = flops_model_config(window)
     cost = flops_cost(cfg)
     packer = Packer(PackConfig(llm_budget=400, vit_budget=2000, buffer_size=4, flops_cost=cost))
     samples = _samples(24)
@@ -69,7 +55,7 @@ def test_cost_model_equals_pack_flops_on_real_packs(window):
 
 
 def test_cost_model_estimates_dropped_tokens_closely():
-    cfg = _cfg(window=True)
+    cfg = flops_model_config(window=True)
     samples = _samples(8, drop=True)
     batch = collate(samples, image_token_id=Encoder(tiny_tokenizer(), SPEC).special.image_pad)
     exact = pack_flops(cfg, batch).training
@@ -78,7 +64,7 @@ def test_cost_model_estimates_dropped_tokens_closely():
 
 
 def test_flops_cost_needs_the_vocabulary():
-    cfg = _cfg(window=False)
+    cfg = flops_model_config(window=False)
     cfg.llm.vocab_size = 0
     with pytest.raises(ValueError, match="vocabulary size"):
         flops_cost(cfg)
@@ -145,7 +131,7 @@ def test_balancing_lowers_the_per_pack_flops_spread(cost_3b, mix):
 
 
 def test_exact_resume_with_balancing():
-    cost = flops_cost(_cfg(window=True))
+    cost = flops_cost(flops_model_config(window=True))
     cfg = PackConfig(llm_budget=300, vit_budget=2000, buffer_size=6, flops_cost=cost)
     samples = _samples(40)
     by_key = {s.meta["key"]: s for s in samples}

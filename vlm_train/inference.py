@@ -69,7 +69,7 @@ def load_checkpoint_model(checkpoint: Path, image_token_id: int | None = None) -
     if "model" not in config:
         raise ValueError(f"{checkpoint / 'config.yaml'} has no model section")
     cfg = ModelConfig.from_dict(config["model"])
-    for field in ("init_from_hf", "init_llm_from_hf", "init_vision_from_hf"):
+    for field in ("init_from_hf", "init_llm_from_hf", "init_vision_from_hf", "init_vision_from"):
         setattr(cfg, field, "")  # the checkpoint's own weights are what we want
     weights = read_checkpoint_file(checkpoint / MODEL_FILE, lambda p: SafetensorsFolder(p.parent), "weights")
     if "llm.embed_tokens.weight" not in weights.keys():

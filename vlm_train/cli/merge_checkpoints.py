@@ -39,6 +39,7 @@ RUNTIME_KEYS = (
     "init_from_hf",
     "init_llm_from_hf",
     "init_vision_from_hf",
+    "init_vision_from",
 )
 
 

@@ -229,6 +229,14 @@ def numeric_fields(record: dict | None) -> dict[str, float]:
     return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def label_list(record: dict | None) -> dict[str, list[str]]:
+    """A sample JSON's `labels` (a list of strings: what the image shows), for a vision stage's multi-label loss."""
+    labels = record.get("labels") if record is not None else None
+    if isinstance(labels, list) and all(isinstance(label, str) for label in labels):
+        return {"labels": list(labels)}
+    return {}
+
+
 def parse_sample(raw: dict[str, Any], source: str, max_image_pixels: int, fmt: str = "auto") -> Sample:
     """Decode one raw sample in format `fmt` (auto: detected from its members); unusable ones raise SkipSample."""
     key = str(raw.get("__key__", "?"))
@@ -249,5 +257,5 @@ def parse_sample(raw: dict[str, Any], source: str, max_image_pixels: int, fmt: s
         sample = _text(key, source, raw, record)
     else:
         raise ValueError(f"unknown sample format {fmt!r}")
-    sample.meta = {**numeric_fields(record), **sample.meta}  # our own meta keys win over a JSON field's
+    sample.meta = {**numeric_fields(record), **label_list(record), **sample.meta}  # our own keys win over the JSON's
     return sample

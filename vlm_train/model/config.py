@@ -163,6 +163,8 @@ class ModelConfig:
     init_from_hf: str = ""  # a whole Qwen2.5-VL checkpoint
     init_llm_from_hf: str = ""  # a Qwen2 / Qwen2.5 / Qwen3 / Llama LLM, or the LLM of a Qwen2.5-VL
     init_vision_from_hf: str = ""  # the vision tower and merger of a Qwen2.5-VL
+    # The vision tower (vision.*) of one of our checkpoints: a checkpoint folder, or a run folder (its newest)
+    init_vision_from: str = ""
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistent setting."""

@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .llm import DecoderLM
 from .norm import RMSNorm
 from .projector import PatchMerger
+from .vision_heads import HEADS_ATTR
 from .vision_layout import pack_keep
 from .vit import VisionTransformer
 
@@ -127,7 +128,15 @@ class VLM(nn.Module):
             )
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
-    def forward(self, batch: PackedBatch, return_logits: bool = True) -> VLMOutput:
-        """Run one pack; logits [T, V] only when `return_logits` (a fused loss may want just the hidden states)."""
+    def forward(self, batch: PackedBatch, return_logits: bool = True, vision_pretrain: bool = False) -> VLMOutput:
+        """Run one pack; logits [T, V] only when `return_logits` (a fused loss may want just the hidden states).
+
+        `vision_pretrain`: the vision stage's outputs instead (a VisionHeadsOutput from the attached vision heads,
+        see vision_heads.py); through forward, so DeepSpeed's engine sees the call."""
+        if vision_pretrain:
+            heads = getattr(self, HEADS_ATTR, None)
+            if heads is None:
+                raise ValueError("a vision stage needs the vision heads attached (vision_heads.attach_heads)")
+            return heads(self, batch)
         hidden = self.llm.forward_embeds(self.embed(batch), batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         return VLMOutput(hidden=hidden, logits=self.llm.logits(hidden) if return_logits else None)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
 from vlm_train.data.config import DataConfig
@@ -18,7 +19,10 @@ from vlm_train.data.tokenizer import load_tokenizer
 from vlm_train.model.config import ModelConfig
 from vlm_train.model.flops import flops_cost
 from vlm_train.model.hf import apply_hf_init
+from vlm_train.model.vision_heads import VisionHeads, attach_heads
 from vlm_train.model.vlm import VLM
+from vlm_train.train.checkpoint import MODEL_FILE, read_checkpoint_file, resolve_checkpoint
+from vlm_train.train.config import VisionPretrainConfig
 
 
 @dataclass
@@ -76,9 +80,12 @@ def build_stream(
     return PackedStream(setup.sources, encoder or setup.encoder, data, seed=seed, rank=rank, world_size=world_size)
 
 
-def build_model(model: ModelConfig, setup: DataSetup, load_hf: bool = True) -> VLM:
+def build_model(
+    model: ModelConfig, setup: DataSetup, load_hf: bool = True, vision_pretrain: VisionPretrainConfig | None = None
+) -> VLM:
     """The VLM sized to the tokenizer (llm.vocab_size=0 means: the tokenizer's size); `load_hf=False` skips the
-    model.init_*_from_hf weights (for a model whose weights are copied in right after)."""
+    model.init_* weights (for a model whose weights are copied in right after). With `vision_pretrain` (a run with
+    a vision stage), the vision stage's heads are attached to it."""
     tokens = len(setup.tokenizer)
     vocab_size = model.llm.vocab_size or tokens
     if vocab_size < tokens:
@@ -86,4 +93,41 @@ def build_model(model: ModelConfig, setup: DataSetup, load_hf: bool = True) -> V
     vlm = VLM(model, vocab_size=vocab_size, image_token_id=setup.encoder.special.image_pad)
     if load_hf:
         apply_hf_init(vlm, model)  # model.init_*_from_hf: start from released Hugging Face weights
+        if model.init_vision_from:
+            load_vision_from_checkpoint(vlm, model.init_vision_from)
+    if vision_pretrain is not None:
+        heads = VisionHeads(
+            vision_pretrain.heads,
+            model.vision.hidden_size,
+            vlm.cfg.llm.hidden_size,
+            vocab_size,
+            len(vision_pretrain.labels),
+            model.attn_backend,
+            model.vision.rms_norm_eps,
+            model.vision.initializer_range,
+        )
+        attach_heads(vlm, heads)
     return vlm
+
+
+def load_vision_from_checkpoint(vlm: VLM, path: str) -> None:
+    """model.init_vision_from: copy the vision.* weights of one of our checkpoints (or a run folder's newest)."""
+    folder = resolve_checkpoint(path)
+    weights = read_checkpoint_file(folder / MODEL_FILE, load_file, "weights")
+    prefix = "vision."
+    tower = {name[len(prefix) :]: w for name, w in weights.items() if name.startswith(prefix)}
+    if not tower:
+        raise ValueError(f"model.init_vision_from={path}: {folder / MODEL_FILE} has no vision.* weights")
+    ours = vlm.vision.state_dict()
+    problems = sorted(set(ours) ^ set(tower))
+    problems += [
+        f"{name}: checkpoint {list(tower[name].shape)}, model {list(w.shape)}"
+        for name, w in ours.items()
+        if name in tower and tower[name].shape != w.shape
+    ]
+    if problems:
+        raise ValueError(
+            f"model.init_vision_from={path}: the checkpoint's vision tower does not fit model.vision "
+            f"(set model.vision like the checkpoint's config.yaml): {problems[:6]}"
+        )
+    vlm.vision.load_state_dict(tower)

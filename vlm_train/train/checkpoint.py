@@ -3,7 +3,8 @@ layout on disk, the atomic save, keep_last, the checks that a launch can resume,
 complete checkpoint (tools use the same lookup).
 
 Layout of RUN/checkpoints/step_XXXXXXXX/:
-  model.safetensors            full model weights (rank 0)
+  model.safetensors            full model weights (rank 0): the VLM
+  vision_heads.safetensors     a vision stage's heads (pooling, projections, text tower), when the run has them
   trainer_state.json           step, the launch (world size, engine, ZeRO stage) and the shared parts' states
                                (position in the curriculum, guard)
   NAME_rankNNNNN.pt | .json    each per-rank part's state: optimizer and rng as tensors (.pt), loader as JSON
@@ -16,6 +17,7 @@ visible only when complete, and a run killed during a save leaves the previous o
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -28,12 +30,15 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from vlm_train.jsonio import dumps
+from vlm_train.model.vision_heads import without_heads
 from vlm_train.train import distributed as D
 from vlm_train.train.config import CheckpointConfig
 
+log = logging.getLogger("vlm_train")
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 MODEL_FILE = "model.safetensors"
+HEADS_FILE = "vision_heads.safetensors"  # a vision stage's pooling head and text tower, not part of the VLM
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -184,14 +189,26 @@ def read_tensors(path: Path, what: str) -> Any:
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path) -> None:
-    """Load model.safetensors into `model`; missing or unexpected weights are an error naming them."""
+    """Load model.safetensors into `model` (and vision_heads.safetensors into its vision heads, if it has them
+    and the checkpoint too); missing or unexpected weights are an error naming them."""
     path = Path(checkpoint) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {MODEL_FILE} in checkpoint {checkpoint}")
-    missing, unexpected = read_checkpoint_file(path, lambda p: load_model(model, str(p), strict=False), "weights")
+    with without_heads(model) as heads:
+        _load_exactly(model, path, checkpoint, "weights")
+    heads_path = Path(checkpoint) / HEADS_FILE
+    if heads is not None and heads_path.is_file():
+        _load_exactly(heads, heads_path, checkpoint, "vision heads")
+    elif heads is not None:
+        log.info("%s has no %s: the vision heads start fresh", checkpoint, HEADS_FILE)
+
+
+def _load_exactly(module: nn.Module, path: Path, checkpoint: str | Path, what: str) -> None:
+    missing, unexpected = read_checkpoint_file(path, lambda p: load_model(module, str(p), strict=False), what)
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {checkpoint} does not match the model: missing {missing}, unexpected {unexpected}"
+            f"checkpoint {checkpoint} ({path.name}) does not match the model: missing {missing}, "
+            f"unexpected {unexpected}"
         )
 
 
@@ -248,7 +265,10 @@ class Checkpointer:
         if main:
             if model is None:
                 raise ValueError("Checkpointer.save needs the model's weights on rank 0")
-            save_model(model, str(tmp / MODEL_FILE))  # handles tied embeddings
+            with without_heads(model) as heads:  # the VLM alone: what inference, export and merging read
+                save_model(model, str(tmp / MODEL_FILE))  # handles tied embeddings
+            if heads is not None:
+                save_model(heads, str(tmp / HEADS_FILE))
             state = {"step": step, **self.launch.state(), **(info or {})}
             state.update({name: p.part.state_dict() for name, p in self.parts.items() if not p.per_rank})
             (tmp / TRAINER_STATE).write_text(dumps(state, indent=1))

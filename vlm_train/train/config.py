@@ -11,6 +11,7 @@ from omegaconf import MISSING, OmegaConf
 
 from vlm_train.data.config import DataConfig
 from vlm_train.model.config import ModelConfig
+from vlm_train.model.vision_heads import VisionHeadsConfig
 
 
 @dataclass
@@ -35,9 +36,15 @@ class LossConfig:
     kernel: str = "chunked"
 
 
+STAGE_KINDS = ("vlm", "vision")
+
+
 @dataclass
 class StageConfig:
     name: str = MISSING
+    # vlm: the VLM's token loss | vision: the vision tower alone, with the objectives of `vision_pretrain` (its
+    # pooling head and text tower train with it; they are not part of the VLM)
+    kind: str = "vlm"
     steps: int = 0  # optimizer steps in this stage, or
     tokens: int = 0  # LLM tokens (all ranks together) in this stage: set exactly one of steps and tokens
     trainable: list[str] = field(default_factory=lambda: ["*"])  # fnmatch patterns: vision.*, projector.*, llm.*
@@ -52,6 +59,18 @@ class StageConfig:
     # e.g. data: {mixture: {laion: 1.0}, pack: {llm_budget: 512}, image: {max_pixels: 6272}}, loss: {averaging: token}
     data: dict[str, Any] = field(default_factory=dict)
     loss: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VisionPretrainConfig:
+    """The objectives of `kind: vision` stages; the heads' shapes are `heads`."""
+
+    heads: VisionHeadsConfig = field(default_factory=VisionHeadsConfig)
+    contrastive_weight: float = 1.0  # sigmoid image-text contrastive (SigLIP) over the whole step's pairs
+    multilabel_weight: float = 0.0  # per-label sigmoid (binary cross-entropy) over `labels`
+    # The label vocabulary. A sample's labels: the list in its JSON's `labels` field, else the vocabulary words
+    # that appear in its caption (whole words, any case).
+    labels: list[str] = field(default_factory=list)
 
 
 def _default_groups() -> dict[str, list[str]]:
@@ -148,6 +167,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    vision_pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -13,10 +13,20 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from torch import nn
 
 from vlm_train.data.config import DataConfig
-from vlm_train.train.config import CurriculumConfig, LossConfig, StageConfig, TrainConfig
+from vlm_train.model.vision_heads import HEADS_ATTR
+from vlm_train.train.config import (
+    STAGE_KINDS,
+    CurriculumConfig,
+    LossConfig,
+    StageConfig,
+    TrainConfig,
+    VisionPretrainConfig,
+)
 from vlm_train.train.loss import check_loss
 from vlm_train.train.schedule import DECAY_SHAPES, SCHEDULES, lr_factor
+from vlm_train.train.vision_objective import check_vision_pretrain
 
+HEADS_PREFIX = HEADS_ATTR + "."
 OTHER_GROUP = "other"  # parameters that match no group of curriculum.groups
 T = TypeVar("T")
 
@@ -33,6 +43,12 @@ def validate_curriculum(
             raise ValueError(f"curriculum.groups.{group}: patterns {list(patterns)} match no parameter")
     for index, stage in enumerate(cfg.stages):
         where = f"curriculum.stages.{index} ({stage.name})"
+        if stage.kind not in STAGE_KINDS:
+            raise ValueError(f"{where}: kind {stage.kind!r} is not one of {STAGE_KINDS}")
+        if stage.kind == "vision" and not any(n.startswith(HEADS_PREFIX) for n in names):
+            raise ValueError(
+                f"{where}: a vision stage needs the model built with its heads (build_model(..., vision_pretrain))"
+            )
         if (stage.steps > 0) == (stage.tokens > 0) or stage.steps < 0 or stage.tokens < 0:
             raise ValueError(
                 f"{where}: set exactly one of steps and tokens to a positive number "
@@ -64,11 +80,44 @@ def validate_curriculum(
             stage_data(data, stage, where).pack.budget()  # bad keys, types and budgets are errors now, not later
 
 
-def set_trainable(model: nn.Module, patterns: list[str]) -> list[nn.Parameter]:
-    """Unfreeze the parameters whose names match any pattern and freeze the rest; returns the trainable ones."""
+def check_vision_stages(stages: list[StageConfig], cfg: VisionPretrainConfig, model: nn.Module) -> None:
+    """A vision stage's objectives are set, and it trains only what it runs: the tower (and the LLM when it is the
+    text tower)."""
+    check_vision_pretrain(cfg)
+    runs = ["vision.*"] + (["llm.*"] if cfg.heads.text_tower == "llm" else [])
+    for index, stage in enumerate(stages):
+        if stage.kind != "vision":
+            continue
+        idle = sorted(
+            {
+                name.split(".")[0] + ".*"
+                for name, _ in model.named_parameters()
+                if any(fnmatch.fnmatchcase(name, p) for p in stage.trainable)
+                and not any(fnmatch.fnmatchcase(name, p) for p in [*runs, HEADS_PREFIX + "*"])
+            }
+        )
+        if idle:
+            raise ValueError(
+                f"curriculum.stages.{index} ({stage.name}): a vision stage runs {runs} (and its heads) only, but "
+                f"trainable {list(stage.trainable)} also matches {idle}: name what it trains, e.g. [vision.*]"
+            )
+
+
+def set_stage_trainable(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
+    """What trains in `stage`: its `trainable` patterns; the vision heads always in a vision stage, never in
+    another (they are not part of the VLM)."""
+    if stage.kind == "vision":
+        return set_trainable(model, [*stage.trainable, HEADS_PREFIX + "*"])
+    return set_trainable(model, list(stage.trainable), frozen=HEADS_PREFIX + "*")
+
+
+def set_trainable(model: nn.Module, patterns: list[str], frozen: str = "") -> list[nn.Parameter]:
+    """Unfreeze the parameters whose names match any pattern (but not `frozen`) and freeze the rest; returns the
+    trainable ones."""
     trainable = []
     for name, param in model.named_parameters():
-        param.requires_grad_(any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns))
+        wanted = any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+        param.requires_grad_(wanted and not (frozen and fnmatch.fnmatchcase(name, frozen)))
         if param.requires_grad:
             trainable.append(param)
     return trainable

@@ -72,6 +72,33 @@ def all_gather_object(value: Any) -> list[Any]:
     return out
 
 
+def all_gather_rows(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+    """Every rank's rows of each tensor, in rank order (the first dimension may differ by rank, the others may
+    not), and where this rank's rows start in each. No gradient flows back: callers that need one compute the
+    loss of the gathered rows on every rank alike and take the gradient of their own rows (see vision_step)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(tensors), [0] * len(tensors)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    device = tensors[0].device if tensors else torch.device("cpu")
+    counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.long, device=device)
+    every = [torch.zeros_like(counts) for _ in range(world)]
+    dist.all_gather(every, counts)
+    per_rank = torch.stack(every).cpu()  # [ranks, tensors]
+    gathered, starts = [], []
+    for i, tensor in enumerate(tensors):
+        starts.append(int(per_rank[:rank, i].sum()))
+        most = int(per_rank[:, i].max())
+        if most == 0:
+            gathered.append(tensor)
+            continue
+        padded = tensor.new_zeros((most, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        gathered.append(torch.cat([part[: int(n)] for part, n in zip(parts, per_rank[:, i])]))
+    return gathered, starts
+
+
 def broadcast_object(value: Any, src: int = 0) -> Any:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return value

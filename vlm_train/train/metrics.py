@@ -63,6 +63,7 @@ def step_record(
         "skipped_step": int(r.skipped is not None),
         "skipped_steps": sum(skipped.values()),
         **{f"skipped_steps/{reason}": count for reason, count in skipped.items()},
+        **r.extra,
     }
     for prefix, sums in (("loss/source", r.by_source), ("loss/task", r.by_task)):
         record.update({f"{prefix}/{key}": total / count for key, (total, count) in sums.items() if count})

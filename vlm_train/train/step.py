@@ -3,6 +3,7 @@ the guarded update. Every rank computes the same global loss, so every rank take
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -72,6 +73,7 @@ class StepResult:
     # This rank's loss sums and supervised-token counts per group, on the device until finish_step adds them up.
     groups: LossGroups | None = None
     group_sums: torch.Tensor | None = None
+    extra: dict[str, float] = field(default_factory=dict)  # figures already global (a vision stage's objectives)
 
 
 def forward_backward(
@@ -125,16 +127,21 @@ def pack_stats(
     llm_budget: int,
     vit_budget: int,
     trained: TrainedParts | None = None,
+    vision_only: bool = False,
 ) -> None:
-    """Add this rank's sizes, FLOPs (of the parts that run backward: `trained`, default all) and packing fill to
-    `result` (summed over ranks in finish_step); the packs are the loader's, on the host."""
+    """Add this rank's sizes, FLOPs (of the parts that run backward: `trained`, default all; `vision_only`: the
+    tower alone, as a vision stage runs it) and packing fill to `result` (summed over ranks in finish_step); the
+    packs are the loader's, on the host."""
     trained = trained or TrainedParts()
     for pack in packs:
+        flops = pack_flops(engine.model.cfg, pack)
+        if vision_only:
+            flops = dataclasses.replace(flops, projector=0, llm=0, lm_head=0, llm_attention=0)
         result.tokens += pack.num_tokens
         result.samples += pack.num_samples
         result.supervised += int((pack.labels != L.IGNORE_INDEX).sum())
         result.patches += pack.num_patches
-        result.flops += pack_flops(engine.model.cfg, pack).trained(trained)
+        result.flops += flops.trained(trained)
         result.packs += 1
         result.llm_fill += pack.num_tokens / llm_budget
         result.vit_fill += pack.num_patches / vit_budget

@@ -24,7 +24,14 @@ from vlm_train.train import distributed as D
 from vlm_train.train.builders import build_data, build_model
 from vlm_train.train.checkpoint import Checkpointer, Launch, RandomState
 from vlm_train.train.config import Config, StageConfig
-from vlm_train.train.curriculum import group_lrs, param_groups, set_trainable, stage_loss, validate_curriculum
+from vlm_train.train.curriculum import (
+    check_vision_stages,
+    group_lrs,
+    param_groups,
+    set_stage_trainable,
+    stage_loss,
+    validate_curriculum,
+)
 from vlm_train.train.engines import build_engine, resolve_engine
 from vlm_train.train.evaluator import PREDICTIONS_FILE, HeldoutEvaluator, HeldoutResult, print_report, write_predictions
 from vlm_train.train.guards import FaultInjector, Guard, StopSignal
@@ -33,6 +40,9 @@ from vlm_train.train.schedule import Position, estimate_total_steps
 from vlm_train.train.stage_data import RankData
 from vlm_train.train.step import LossGroups, StepResult, finish_step, forward_backward, pack_stats
 from vlm_train.train.throughput import device_peak_flops, memory_gb, mfu
+from vlm_train.train.vision_eval import VisionEvaluator
+from vlm_train.train.vision_objective import LabelVocabulary
+from vlm_train.train.vision_step import vision_forward_backward
 
 log = logging.getLogger("vlm_train")
 
@@ -54,12 +64,16 @@ class Trainer:
         resume = self.checkpointer.resume_point(cfg.train.resume)
 
         self.setup = build_data(cfg.data, cfg.model)
-        model = build_model(cfg.model, self.setup, load_hf=resume is None)
+        heads = cfg.vision_pretrain if any(s.kind == "vision" for s in cfg.curriculum.stages) else None
+        model = build_model(cfg.model, self.setup, load_hf=resume is None, vision_pretrain=heads)
         validate_curriculum(cfg.curriculum, model, cfg.loss, cfg.data)
+        if heads is not None:
+            check_vision_stages(cfg.curriculum.stages, cfg.vision_pretrain, model)
+        self.vocab = LabelVocabulary(cfg.vision_pretrain.labels)
         if resume is not None:
             self.checkpointer.load_model(model, resume.folder)
         self.engine = build_engine(
-            cfg.engine, cfg.train, model, lambda: build_model(cfg.model, self.setup, False), self.device, dist
+            cfg.engine, cfg.train, model, lambda: build_model(cfg.model, self.setup, False, heads), self.device, dist
         )
         self.faults = FaultInjector(cfg.train.fault, dist.rank)
         self.data = RankData(self.setup, cfg.data, cfg.model, cfg.run.seed, dist.rank, dist.world_size, self.faults)
@@ -67,6 +81,8 @@ class Trainer:
         self.position = Position()
         self.rng = RandomState()
         self.evaluator = self._make_evaluator()
+        self.vision_evaluator = self._make_vision_evaluator() if heads is not None else None
+        self.last_vision_eval: dict[str, Any] = {}
         self.loss_groups = LossGroups(tuple(s.name for s in self.setup.sources))  # the same on every rank
         self.last_eval: tuple[int, HeldoutResult] | None = None
 
@@ -107,6 +123,12 @@ class Trainer:
             return None
         return HeldoutEvaluator.from_setup(self.setup, eval_cfg, self.cfg.data.image.max_decode_pixels)
 
+    def _make_vision_evaluator(self) -> VisionEvaluator | None:
+        if not self.setup.heldout_urls:
+            return None
+        max_pixels = self.cfg.data.image.max_decode_pixels
+        return VisionEvaluator(self.setup.heldout_urls, self.setup.encoder, self.cfg.eval, max_pixels, self.vocab)
+
     # ---- the curriculum ---------------------------------------------------------------------------------------
 
     def train(self) -> str:
@@ -133,13 +155,17 @@ class Trainer:
         cfg = self.cfg
 
         def make_groups(module: torch.nn.Module) -> list[dict]:
-            set_trainable(module, stage.trainable)
+            set_stage_trainable(module, stage)
             return param_groups(module, stage, cfg.curriculum.groups, cfg.train)
 
         self.engine.start_stage(make_groups, self.position.stage)
         self.data.enter(stage)
         self.policy = stage_loss(cfg.loss, stage)
         self.trained_parts = TrainedParts.of(self.engine.model)  # what runs backward, for the stage's MFU
+        if stage.kind == "vision":  # only the tower runs (and the heads, not counted)
+            self.trained_parts = TrainedParts(
+                vision=self.trained_parts.vision, projector=False, llm=False, lm_head=False
+            )
         # ZeRO-3 leaves a partition in each parameter; ds_numel is its full size.
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.model.parameters() if p.requires_grad)
         length = f"{stage.steps} steps" if stage.steps else f"{stage.tokens} tokens"
@@ -158,15 +184,23 @@ class Trainer:
         self.engine.set_lrs(lrs)
         packs = self.data.next_packs(self.cfg.train.micro_batches)
         step = self.position.step + 1
-        result = forward_backward(
-            self.engine,
-            packs,
-            self.policy,
-            nan=self.faults.nan_loss(step),
-            inf_grad=lambda model: self.faults.inf_grad(step, model),
-            groups=self.loss_groups,
-        )
-        pack_stats(result, packs, self.engine, *self.data.budgets, trained=self.trained_parts)
+        vision = stage.kind == "vision"
+        if vision:
+            image_pad = self.setup.encoder.special.image_pad
+            dist = self.dist
+            result = vision_forward_backward(
+                self.engine, packs, self.cfg.vision_pretrain, self.vocab, image_pad, dist.rank, dist.world_size
+            )
+        else:
+            result = forward_backward(
+                self.engine,
+                packs,
+                self.policy,
+                nan=self.faults.nan_loss(step),
+                inf_grad=lambda model: self.faults.inf_grad(step, model),
+                groups=self.loss_groups,
+            )
+        pack_stats(result, packs, self.engine, *self.data.budgets, trained=self.trained_parts, vision_only=vision)
         result = finish_step(self.engine, result, self.guard, self.stop.received)
         self.position.advance(result.tokens)
         self.guard.record(self.position.step, result.loss, result.skipped)
@@ -185,7 +219,9 @@ class Trainer:
         if self._counters_due(stage):
             record.update(self._data_skips())  # a collective of Python objects: not on every step
         record.update(memory_gb(self.device))
-        if self._eval_due(stage):
+        if vision and self.vision_evaluator is not None and (self._eval_due(stage) or self.position.stage_done(stage)):
+            record.update(self.evaluate_vision())
+        elif self._eval_due(stage):
             record.update(self.evaluate().metrics)
         self.metrics.log(record)
         return result
@@ -218,6 +254,21 @@ class Trainer:
             result.seconds,
         )
         return result
+
+    def evaluate_vision(self) -> dict[str, Any]:
+        """The vision stage's held-out figures (every rank), logged and kept for the summary."""
+        assert self.vision_evaluator is not None, "no held-out data: set data.heldout_urls"
+        metrics = self.vision_evaluator.evaluate(self.engine.model, self.device)
+        log.info(
+            "vision eval at step %d: zero-shot retrieval top-1 %s | label exact %s | label acc %s | %.1fs",
+            self.position.step,
+            _figure(metrics.get("vision/heldout_retrieval_top1")),
+            _figure(metrics.get("vision/heldout_label_exact")),
+            _figure(metrics.get("vision/heldout_label_acc")),
+            metrics["vision/heldout_seconds"],
+        )
+        self.last_vision_eval = metrics
+        return metrics
 
     def _after_step(self, result: StepResult) -> str | None:
         """Save when asked to; the reason to stop now, if any."""
@@ -259,8 +310,10 @@ class Trainer:
             "train_seconds": train_seconds,
             "checkpoint": str(final),
             **self._data_skips(),
+            **self.last_vision_eval,
         }
-        result = self.evaluate() if self.cfg.eval.enabled and self.evaluator is not None else None
+        vlm_trained = any(s.kind != "vision" for s in self.cfg.curriculum.stages)  # else there is no VLM to score
+        result = self.evaluate() if self.cfg.eval.enabled and self.evaluator is not None and vlm_trained else None
         if result is not None:
             summary.update(result.metrics)
         if self.dist.is_main:

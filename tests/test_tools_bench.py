@@ -18,6 +18,7 @@ from helpers import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 from tools.bench_step import BenchConfig, PaddedBatch, build_model, main, make_samples, padded_forward  # noqa: E402
+from tools.bench_vision_stage import FIGURES as VISION_FIGURES  # noqa: E402
 from tools.bench_vision_stage import main as vision_main  # noqa: E402
 
 FAST = ["--rows", "3", "--steps", "2", "--repeats", "1", "--warmup", "1", "--max-words", "24", "--device", "cpu"]
@@ -114,16 +115,7 @@ VISION_FAST = ["--images", "6", "--steps", "1", "--repeats", "1", "--warmup", "0
 def test_vision_stage_bench_packed_and_padded_give_the_same_loss(capsys, pooling):
     result = vision_main([*VISION_FAST, "--device", "cpu", "--pooling", pooling, "--no-isolate"])
     assert json.loads(capsys.readouterr().out) == result
-    figures = {
-        "images_per_s",
-        "patches_per_s",
-        "step_time_s",
-        "pass_times_s",
-        "peak_memory_mb",
-        "first_loss",
-        "last_loss",
-    }
-    assert set(result["packed"]) == set(result["padded"]) == figures
+    assert set(result["packed"]) == set(result["padded"]) == set(VISION_FIGURES)
     assert {"padded_over_real_patches", "speedup", "real_patches", "padded_patches", "memory_ratio"} <= set(result)
     assert result["config"]["pooling"] == pooling and result["images"] == 6
     # Same images, targets and initial weights: the same loss, whether the patches are packed or padded.

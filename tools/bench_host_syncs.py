@@ -23,12 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
 from vlm_train.jsonio import dumps
 from vlm_train.train import distributed as D
-from vlm_train.train.config import register_configs
+from vlm_train.train.config import compose_config
 
 COLLECTIVES = ("all_reduce", "all_gather_object", "broadcast_object", "barrier")
 
@@ -62,7 +60,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--micro-batches", type=int, default=2, help="packs per step")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLM_TRAIN_CACHE", str(Path(tempfile.gettempdir()) / "vlm_train_bench_cache"))
-    register_configs()
     run_dir = tempfile.mkdtemp(prefix="host_syncs_")
     overrides = [
         f"run.dir={run_dir}",
@@ -75,8 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "data.synthetic.num_heldout_images=20",
         "logger.console_interval=1000",
     ]
-    with initialize_config_module(config_module="vlm_train.conf", version_base=None):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    cfg = compose_config(*overrides)
 
     from vlm_train.train import trainer as T
 

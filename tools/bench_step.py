@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import multiprocessing
 import os
-import resource
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
+from vlm_train.benchmarking import TimedLayout, run_alone, run_alternating
 from vlm_train.data.batch import IGNORE_INDEX, PackedBatch
 from vlm_train.data.collate import collate
 from vlm_train.data.encode import EncodedSample, Encoder
@@ -46,10 +46,11 @@ from vlm_train.data.pack_planner import Budget
 from vlm_train.data.synthetic import corpus_lines
 from vlm_train.data.tokenizer import build_tiny_tokenizer, special_ids
 from vlm_train.data.truncate import truncate
+from vlm_train.devices import pick_device
 from vlm_train.jsonio import dumps
-from vlm_train.model.config import ModelConfig
 from vlm_train.model.llm import DecoderLayer, DecoderLM
 from vlm_train.model.vlm import VLM
+from vlm_train.train.config import compose_config
 from vlm_train.train.loss import token_cross_entropy
 
 MODES = ("packed", "padded")
@@ -199,15 +200,7 @@ def padded_forward(model: VLM, batch: PaddedBatch) -> torch.Tensor:
 
 
 def build_model(cfg: BenchConfig, vocab_size: int, image_token_id: int) -> VLM:
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    from vlm_train.train.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="vlm_train.conf", version_base=None):
-        composed = compose("config", overrides=[f"model={cfg.model}"])
-    model_cfg = ModelConfig.from_dict(OmegaConf.to_container(composed.model, resolve=True))
+    model_cfg = compose_config(f"model={cfg.model}").model
     model_cfg.attn_backend = cfg.attn_backend
     for field in ("init_from_hf", "init_llm_from_hf", "init_vision_from_hf"):
         setattr(model_cfg, field, "")  # random weights: the benchmark measures speed, not quality
@@ -215,13 +208,7 @@ def build_model(cfg: BenchConfig, vocab_size: int, image_token_id: int) -> VLM:
     return VLM(model_cfg, vocab_size=max(model_cfg.llm.vocab_size, vocab_size), image_token_id=image_token_id)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-class Layout:
+class Layout(TimedLayout):
     """One layout (packed or padded) of the benchmark samples: its own model copy, optimizer and batches."""
 
     def __init__(self, cfg: BenchConfig, mode: str, equal: bool) -> None:
@@ -247,12 +234,11 @@ class Layout:
         else:
             self.batches = [PaddedBatch.from_samples(g, encoder.special.pad) for g in self.groups]
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
-        self.losses: list[float] = []
-        self.passes: list[float] = []
+        super().__init__(self.device, cfg.warmup, len(self.batches))
 
-    def step(self, batch: PackedBatch | PaddedBatch) -> None:
-        """Forward, backward and optimizer step on one batch; the loss is the mean over supervised tokens."""
-        model, batch = self.model, batch.to(self.device)
+    def step(self, index: int) -> torch.Tensor:
+        """Forward, backward and optimizer step on batch `index`; the loss is the mean over supervised tokens."""
+        model, batch = self.model, self.batches[index].to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             if self.mode == "packed":
                 hidden, labels = model(batch, return_logits=False).hidden, batch.labels
@@ -263,29 +249,12 @@ class Layout:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(float(loss.detach()))
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def warmup(self) -> None:
-        for batch in self.batches[: self.cfg.warmup]:
-            self.step(batch)
-
-    def timed_pass(self) -> None:
-        """One pass over the timed steps; its wall time joins `passes`."""
-        self._sync()
-        started = time.perf_counter()
-        for batch in self.batches[self.cfg.warmup :]:
-            self.step(batch)
-        self._sync()
-        self.passes.append(time.perf_counter() - started)
+        return loss
 
     def figures(self, peak_memory_mb: float) -> dict[str, Any]:
         timed = self.groups[self.cfg.warmup :]
         real = sum(s.num_tokens for g in timed for s in g)
-        seconds = min(self.passes)  # the fastest pass: on a shared machine, noise only slows down
+        seconds = self.fastest_pass
         return {
             "mode": self.mode,
             "tokens_per_s": real / seconds,
@@ -302,35 +271,9 @@ class Layout:
         }
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory: VmHWM on Linux, else ru_maxrss.
-
-    ru_maxrss survives exec: a spawned child starts at its parent's peak, which would hide its own growth.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
 def run_mode(cfg: BenchConfig, mode: str, equal: bool) -> dict[str, Any]:
     """One layout alone: warm-up, then --repeats timed passes; peak memory over all its steps."""
-    layout = Layout(cfg, mode, equal)
-    cuda = layout.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(layout.device)
-        before = torch.cuda.memory_allocated(layout.device) / 2**20
-    else:
-        before = _peak_rss_mb()
-    layout.warmup()
-    for _ in range(cfg.repeats):
-        layout.timed_pass()
-    peak = torch.cuda.max_memory_allocated(layout.device) / 2**20 if cuda else _peak_rss_mb()
-    return layout.figures(peak - before)
+    return run_alone(Layout(cfg, mode, equal), cfg.repeats)
 
 
 def _peak_memory_isolated(cfg: BenchConfig, mode: str, equal: bool) -> float:
@@ -341,19 +284,9 @@ def _peak_memory_isolated(cfg: BenchConfig, mode: str, equal: bool) -> float:
 
 def _run_alternating(cfg: BenchConfig, equal: bool, isolate: bool) -> dict[str, dict[str, Any]]:
     """CPU: both layouts in this process, their timed passes alternating so both see the same machine load."""
-    layouts, memory = {}, {}
-    for mode in MODES:
-        before = _peak_rss_mb()
-        layouts[mode] = Layout(cfg, mode, equal)
-        layouts[mode].warmup()
-        layouts[mode].timed_pass()
-        memory[mode] = _peak_rss_mb() - before  # meaningful for the first layout only; hence isolate
-    for _ in range(cfg.repeats - 1):
-        for mode in MODES:
-            layouts[mode].timed_pass()
-    if isolate:
-        memory = {mode: _peak_memory_isolated(cfg, mode, equal) for mode in MODES}
-    return {mode: layouts[mode].figures(memory[mode]) for mode in MODES}
+    make = {mode: functools.partial(Layout, cfg, mode, equal) for mode in MODES}
+    isolated = functools.partial(_peak_memory_isolated, cfg, equal=equal) if isolate else None
+    return run_alternating(make, cfg.repeats, isolated)
 
 
 def compare(cfg: BenchConfig, equal: bool, isolate: bool) -> dict[str, Any]:
@@ -398,9 +331,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error("--rows, --steps and --repeats must be positive, --warmup >= 0")
     if not 0 < cfg.min_side <= cfg.max_side or not 0 < cfg.min_words <= cfg.max_words:
         parser.error("need 0 < --min-side <= --max-side and 0 < --min-words <= --max-words")
-    device = pick_device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA device is available")
+    try:
+        device = pick_device(cfg.device)
+    except (ValueError, RuntimeError) as error:
+        parser.error(f"--device: {error}")
     isolate = isolate and device.type == "cpu"  # CUDA peaks reset per mode; RSS peaks cannot
     if device.type == "cuda":
         memory_method = "torch.cuda.max_memory_allocated - allocated before the steps"

@@ -42,9 +42,7 @@ import functools
 import math
 import multiprocessing
 import os
-import resource
 import sys
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,6 +53,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vlm_train.benchmarking import TimedLayout, run_alone, run_alternating
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.collate import collate
 from vlm_train.data.encode import EncodedSample, Encoder
@@ -62,6 +61,7 @@ from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
 from vlm_train.data.image import PatchSpec
 from vlm_train.data.synthetic import corpus_lines
 from vlm_train.data.tokenizer import build_tiny_tokenizer
+from vlm_train.devices import pick_device
 from vlm_train.jsonio import dumps
 from vlm_train.model.attention import resolve_backend
 from vlm_train.model.config import ModelConfig, VisionConfig
@@ -69,8 +69,11 @@ from vlm_train.model.rope import apply_rotary, inv_frequencies, vision_cos_sin_a
 from vlm_train.model.vision_heads import POOLINGS, VisionHeads, VisionHeadsConfig, attach_heads
 from vlm_train.model.vit import VisionBlock, VisionTransformer
 from vlm_train.model.vlm import init_weights
+from vlm_train.train.config import compose_config
 from vlm_train.train.vision_objective import sigmoid_contrastive_loss
 
+# The figures reported per layout.
+FIGURES = ("images_per_s", "patches_per_s", "step_time_s", "pass_times_s", "peak_memory_mb", "first_loss", "last_loss")
 MODES = ("packed", "padded")
 WORDS = (
     "a red green blue yellow purple orange square triangle ring cross small large left right top bottom of the on "
@@ -227,15 +230,7 @@ class TowerWithHeads(nn.Module):
 
 def model_config(cfg: BenchConfig) -> ModelConfig:
     """The preset's model config (as bench_step loads it), with --attn-backend."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
-
-    from vlm_train.train.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="vlm_train.conf", version_base=None):
-        composed = compose("config", overrides=[f"model={cfg.model}"])
-    model_cfg = ModelConfig.from_dict(OmegaConf.to_container(composed.model, resolve=True))
+    model_cfg = compose_config(f"model={cfg.model}").model
     model_cfg.attn_backend = cfg.attn_backend
     return model_cfg
 
@@ -262,13 +257,7 @@ def build_model(cfg: BenchConfig, model_cfg: ModelConfig) -> TowerWithHeads:
     return TowerWithHeads(tower, heads)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-class Layout:
+class Layout(TimedLayout):
     """One layout (packed or padded) of the benchmark images: its own model copy, optimizer and batches."""
 
     def __init__(self, cfg: BenchConfig, mode: str) -> None:
@@ -301,10 +290,9 @@ class Layout:
         trained = [p for n, p in self.model.named_parameters() if not n.startswith(UNTRAINED)]
         self.optimizer = torch.optim.AdamW(trained, lr=1e-4)
         self.parameters = sum(p.numel() for p in trained)
-        self.losses: list[float] = []
-        self.passes: list[float] = []
+        super().__init__(self.device, cfg.warmup, len(self.batches))
 
-    def step(self, index: int) -> None:
+    def step(self, index: int) -> torch.Tensor:
         """Forward, backward and optimizer step on step `index`'s images; the loss is SigLIP's over its images."""
         model, heads = self.model, self.model.heads
         batch, targets = self.batches[index].to(self.device), self.targets[index].to(self.device)
@@ -319,29 +307,12 @@ class Layout:
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.losses.append(float(loss.detach()))
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def warmup(self) -> None:
-        for index in range(self.cfg.warmup):
-            self.step(index)
-
-    def timed_pass(self) -> None:
-        """One pass over the timed steps; its wall time joins `passes`."""
-        self._sync()
-        started = time.perf_counter()
-        for index in range(self.cfg.warmup, len(self.batches)):
-            self.step(index)
-        self._sync()
-        self.passes.append(time.perf_counter() - started)
+        return loss
 
     def figures(self, peak_memory_mb: float) -> dict[str, Any]:
         timed = self.lengths[self.cfg.warmup :]
         real = sum(int(lengths.sum()) for lengths in timed)
-        seconds = min(self.passes)  # the fastest pass: on a shared machine, noise only slows down
+        seconds = self.fastest_pass
         return {
             "mode": self.mode,
             "images_per_s": self.cfg.images * self.cfg.steps / seconds,
@@ -360,35 +331,9 @@ class Layout:
         }
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory: VmHWM on Linux, else ru_maxrss.
-
-    ru_maxrss survives exec: a spawned child starts at its parent's peak, which would hide its own growth.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
 def run_mode(cfg: BenchConfig, mode: str) -> dict[str, Any]:
     """One layout alone: warm-up, then --repeats timed passes; peak memory over all its steps."""
-    layout = Layout(cfg, mode)
-    cuda = layout.device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(layout.device)
-        before = torch.cuda.memory_allocated(layout.device) / 2**20
-    else:
-        before = _peak_rss_mb()
-    layout.warmup()
-    for _ in range(cfg.repeats):
-        layout.timed_pass()
-    peak = torch.cuda.max_memory_allocated(layout.device) / 2**20 if cuda else _peak_rss_mb()
-    return layout.figures(peak - before)
+    return run_alone(Layout(cfg, mode), cfg.repeats)
 
 
 def _peak_memory_isolated(cfg: BenchConfig, mode: str) -> float:
@@ -399,19 +344,8 @@ def _peak_memory_isolated(cfg: BenchConfig, mode: str) -> float:
 
 def _run_alternating(cfg: BenchConfig, isolate: bool) -> dict[str, dict[str, Any]]:
     """CPU: both layouts in this process, their timed passes alternating so both see the same machine load."""
-    layouts, memory = {}, {}
-    for mode in MODES:
-        layouts[mode] = Layout(cfg, mode)
-        before = _peak_rss_mb()
-        layouts[mode].warmup()
-        layouts[mode].timed_pass()
-        memory[mode] = _peak_rss_mb() - before  # meaningful for the first layout only; hence isolate
-    for _ in range(cfg.repeats - 1):
-        for mode in MODES:
-            layouts[mode].timed_pass()
-    if isolate:
-        memory = {mode: _peak_memory_isolated(cfg, mode) for mode in MODES}
-    return {mode: layouts[mode].figures(memory[mode]) for mode in MODES}
+    make = {mode: functools.partial(Layout, cfg, mode) for mode in MODES}
+    return run_alternating(make, cfg.repeats, functools.partial(_peak_memory_isolated, cfg) if isolate else None)
 
 
 def compare(cfg: BenchConfig, isolate: bool) -> dict[str, Any]:
@@ -421,22 +355,13 @@ def compare(cfg: BenchConfig, isolate: bool) -> dict[str, Any]:
     else:
         results = _run_alternating(cfg, isolate)
     packed, padded = results["packed"], results["padded"]
-    keep = (
-        "images_per_s",
-        "patches_per_s",
-        "step_time_s",
-        "pass_times_s",
-        "peak_memory_mb",
-        "first_loss",
-        "last_loss",
-    )
     return {
         "images": cfg.images * cfg.steps,
         "real_patches": packed["real_patches"],
         "padded_patches": packed["padded_patches"],
         "padded_over_real_patches": packed["padded_patches"] / packed["real_patches"],
-        "packed": {k: packed[k] for k in keep},
-        "padded": {k: padded[k] for k in keep},
+        "packed": {k: packed[k] for k in FIGURES},
+        "padded": {k: padded[k] for k in FIGURES},
         "speedup": packed["patches_per_s"] / padded["patches_per_s"],
         "memory_ratio": packed["peak_memory_mb"] / padded["peak_memory_mb"] if padded["peak_memory_mb"] else None,
         "first_loss_rel_diff": abs(packed["first_loss"] - padded["first_loss"]) / abs(padded["first_loss"]),
@@ -469,9 +394,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         check_full_attention(model_config(cfg).vision)
     except ValueError as error:
         parser.error(f"--model {cfg.model}: {error}")
-    device = pick_device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA device is available")
+    try:
+        device = pick_device(cfg.device)
+    except (ValueError, RuntimeError) as error:
+        parser.error(f"--device: {error}")
     isolate = not args.no_isolate and device.type == "cpu"  # CUDA peaks reset per layout; RSS peaks cannot
     if device.type == "cuda":
         memory_method = "torch.cuda.max_memory_allocated - allocated before the steps"

@@ -64,15 +64,9 @@ WORDS = "a red green blue small large ring cross square triangle left right of t
 
 def compose_model(preset: str) -> ModelConfig:
     """A model preset of conf/model as Hydra composes it."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
+    from vlm_train.train.config import compose_config
 
-    from vlm_train.train.config import register_configs
-
-    register_configs()
-    with initialize_config_module(config_module="vlm_train.conf", version_base=None):
-        cfg = OmegaConf.to_object(compose("config", overrides=[f"model={preset}"]))
-    return cfg.model
+    return compose_config(f"model={preset}").model
 
 
 def tiny_encoder(model: ModelConfig, max_pixels: int) -> Encoder:

@@ -194,3 +194,12 @@ def register_configs() -> None:
     """Make the schema the first entry of conf/config.yaml's defaults list; register the run_time resolver."""
     ConfigStore.instance().store(name="base_config", node=Config)
     OmegaConf.register_new_resolver("run_time", _run_time, use_cache=True, replace=True)
+
+
+def compose_config(*overrides: str) -> Config:
+    """The run config as `vlm-train OVERRIDES...` would compose it from the packaged conf/, typed (for tools)."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module(config_module="vlm_train.conf", version_base=None):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))  # type: ignore[return-value]

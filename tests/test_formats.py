@@ -228,3 +228,18 @@ def test_image_member_ambiguity_is_a_counted_skip():
     raw = {"__key__": "k", "0.jpg": _jpg(56, 56), "2.jpg": _jpg(56, 56), "json": json.dumps(conv).encode()}
     with pytest.raises(SkipSample, match="ambiguous_images"):
         parse_sample(raw, "s", 10**6)
+
+
+def test_a_json_labels_list_travels_in_the_sample_meta_and_other_values_do_not(tmp_path):
+    url = _shard(
+        tmp_path / "labels.tar",
+        [
+            {"__key__": "a", "jpg": _jpg(56, 56), "json": json.dumps({"caption": "a red ring", "labels": ["red"]})},
+            {"__key__": "b", "jpg": _jpg(56, 56), "json": json.dumps({"caption": "a red ring", "labels": "red"})},
+            {"__key__": "c", "jpg": _jpg(56, 56), "json": json.dumps({"caption": "a red ring", "labels": [1, 2]})},
+        ],
+    )
+    samples, skipped = _read_all(url)
+    assert not skipped
+    assert samples["a"][0]["labels"] == ["red"]
+    assert "labels" not in samples["b"][0] and "labels" not in samples["c"][0]

@@ -27,7 +27,8 @@ from vision_cases import (
 from vlm_train.data.collate import collate
 from vlm_train.model.vision_heads import AttentionPool, image_samples
 from vlm_train.train.builders import build_data, build_model
-from vlm_train.train.config import GuardConfig, TrainConfig
+from vlm_train.train.config import GuardConfig, StageConfig, TrainConfig
+from vlm_train.train.curriculum import check_vision_stages, param_groups, set_stage_trainable
 from vlm_train.train.engines import SingleEngine
 from vlm_train.train.guards import Guard
 from vlm_train.train.step import finish_step
@@ -162,6 +163,21 @@ def test_the_step_loss_and_gradients_are_the_same_in_one_micro_batch_or_four(ref
     trained = {n.split(".")[0] for n in grads}
     assert trained == {"vision", "vision_heads"}  # the LLM and the projector do not train in a vision stage
     assert grads["vision_heads.logit_scale"].abs() > 0 and grads["vision.blocks.0.attn.qkv.weight"].abs().sum() > 0
+
+
+def test_the_llm_as_text_tower_trains_when_the_stage_names_it():
+    train = TrainConfig(micro_batches=2, grad_clip=1.0)
+    engine = SingleEngine(make_model(text_tower="llm"), train, torch.device("cpu"), bf16=False)
+    stage = StageConfig(name="vision", kind="vision", steps=1, trainable=["vision.*", "llm.*"])
+    check_vision_stages([stage], objective_config(text_tower="llm"), engine.model)
+    engine.start_stage(lambda m: (set_stage_trainable(m, stage), param_groups(m, stage, {}, train))[1], 0)
+    engine.set_lrs({g["name"]: 1e-3 for g in engine.param_groups()})
+    cfg = objective_config(text_tower="llm")
+    result = vision_forward_backward(engine, all_packs()[:2], cfg, vocabulary(), IMAGE_PAD, 0, 1)
+    grads = engine.full_grads()
+    assert math.isfinite(result.loss) and "vision_heads.text.embed_tokens.weight" not in grads
+    assert grads["llm.layers.0.mlp.gate_proj.weight"].abs().sum() > 0  # the LLM embeds the captions
+    assert not any(name.startswith("projector.") for name in grads)
 
 
 def test_the_step_loss_is_the_objective_of_all_pairs_at_once(reference):

@@ -199,17 +199,20 @@ def test_the_step_loss_is_the_objective_of_all_pairs_at_once(reference):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero2_on_two_ranks_matches_one_rank(reference, tmp_path):
+def test_deepspeed_zero_0_to_3_on_two_ranks_match_one_rank(reference, tmp_path):
     """2 ranks x 2 micro-batches; the negatives of each rank's images include the other rank's texts."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(HERE / "vision_worker.py")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*command, str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(
+        [*command, str(tmp_path), "0", "1", "2", "3"], capture_output=True, text=True, timeout=600, env=env
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     loss, grads, _ = reference
-    saved = load_file(str(tmp_path / "zero2.safetensors"))
-    assert float(saved["loss"][0]) == pytest.approx(loss, rel=1e-5)
-    ds_grads = {k[len("grad/") :]: v for k, v in saved.items() if k.startswith("grad/")}
-    assert_same(ds_grads, grads, "ZeRO-2 grad", atol=1e-5, rtol=1e-3)
+    for stage in range(4):
+        saved = load_file(str(tmp_path / f"zero{stage}.safetensors"))
+        assert float(saved["loss"][0]) == pytest.approx(loss, rel=1e-5), stage
+        ds_grads = {k[len("grad/") :]: v for k, v in saved.items() if k.startswith("grad/")}
+        assert_same(ds_grads, grads, f"ZeRO-{stage} grad", atol=1e-5, rtol=1e-3)
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------

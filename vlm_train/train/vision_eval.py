@@ -74,10 +74,7 @@ class VisionEvaluator:
                     out = model(pack.to(device), vision_pretrain=True)
                 images.append(out.image_embeds[rows.pair_images.to(device)].float().cpu())
                 texts.append(out.text_embeds[rows.pair_texts.to(device)].float().cpu())
-                paired_samples = torch.nonzero(
-                    torch.bincount(pack.sample_index[pack.labels != IGNORE_INDEX], minlength=pack.num_samples).gt(0)
-                ).flatten()[rows.pair_texts]
-                identities += _texts(pack, paired_samples)
+                identities += _texts(pack, rows.pair_samples)
                 if out.label_logits is not None:
                     logits.append(out.label_logits[rows.label_images.to(device)].float().cpu())
                     targets.append(rows.label_targets)

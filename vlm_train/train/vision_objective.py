@@ -59,6 +59,7 @@ class PackRows:
 
     pair_images: torch.Tensor  # long [n]: the image of each pair
     pair_texts: torch.Tensor  # long [n]: its text
+    pair_samples: torch.Tensor  # long [n]: its sample
     label_images: torch.Tensor  # long [m]
     label_targets: torch.Tensor  # float [m, L], multi-hot
 
@@ -86,6 +87,7 @@ def pack_rows(pack: PackedBatch, image_token_id: int, vocab: LabelVocabulary) ->
     return PackRows(
         pair_images=image_of_sample[paired],
         pair_texts=text_of_sample[paired],
+        pair_samples=paired,
         label_images=torch.tensor(label_images, dtype=torch.long),
         label_targets=torch.stack(targets) if targets else torch.zeros(0, len(vocab)),
     )

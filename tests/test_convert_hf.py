@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,12 +13,13 @@ import torch
 from omegaconf import OmegaConf
 
 from vlm_train.data.collate import collate
-from vlm_train.model import VLM, LLMConfig, ModelConfig, VisionConfig
+from vlm_train.model import VLM, ModelConfig
 from vlm_train.model.vit import float_pixel_values
 from vlm_train.train.checkpoint import Checkpointer, load_model_weights
 from vlm_train.train.config import Config
 
 from helpers import encoder, sample, tiny_tokenizer
+from tools_helpers import SMALL
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -28,21 +30,8 @@ transformers = pytest.importorskip("transformers")
 
 def _trained_run(tmp_path) -> tuple[Path, VLM]:
     """A run folder with one checkpoint of a small random model, as the trainer writes it."""
-    cfg = ModelConfig(
-        vision=VisionConfig(
-            hidden_size=32, num_heads=2, intermediate_size=48, window_size=56, fullatt_block_indexes=[0]
-        ),
-        llm=LLMConfig(
-            hidden_size=64,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            intermediate_size=96,
-            mrope_section=[2, 3, 3],
-            tie_word_embeddings=False,
-        ),
-        attn_backend="sdpa",
-    )
+    windowed = dataclasses.replace(SMALL.vision, window_size=56, fullatt_block_indexes=[0])
+    cfg = dataclasses.replace(SMALL, vision=windowed, llm=dataclasses.replace(SMALL.llm))
     torch.manual_seed(0)
     model = VLM(cfg, vocab_size=len(tiny_tokenizer()), image_token_id=encoder().special.image_pad).eval()
     with torch.no_grad():

@@ -36,12 +36,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
-from vlm_train.benchmarking import TimedLayout, run_alone, run_alternating
+from vlm_train.benchmarking import TimedLayout, bench_patch_spec, run_alone, run_alternating
 from vlm_train.data.batch import IGNORE_INDEX, PackedBatch
 from vlm_train.data.collate import collate
 from vlm_train.data.encode import EncodedSample, Encoder
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
-from vlm_train.data.image import PatchSpec
 from vlm_train.data.pack_planner import Budget
 from vlm_train.data.synthetic import corpus_lines
 from vlm_train.data.tokenizer import build_tiny_tokenizer, special_ids
@@ -219,13 +218,7 @@ class Layout(TimedLayout):
         tokenizer = build_tiny_tokenizer(corpus_lines())
         self.model = build_model(cfg, len(tokenizer), special_ids(tokenizer).image_pad).to(self.device).train()
         vision = self.model.cfg.vision  # the samples take the model's patch geometry, whatever the preset
-        spec = PatchSpec(
-            patch_size=vision.patch_size,
-            temporal_patch_size=vision.temporal_patch_size,
-            merge_size=vision.spatial_merge_size,
-            min_pixels=min(56 * 56, cfg.min_side**2),
-            max_pixels=cfg.max_side**2,
-        )
+        spec = bench_patch_spec(vision, cfg.min_side, cfg.max_side)
         encoder = Encoder(tokenizer, spec)
         samples = make_samples(cfg, encoder, cfg.rows * (cfg.warmup + cfg.steps), equal)
         self.groups = [samples[i : i + cfg.rows] for i in range(0, len(samples), cfg.rows)]

@@ -53,12 +53,11 @@ from PIL import Image
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlm_train.benchmarking import TimedLayout, run_alone, run_alternating
+from vlm_train.benchmarking import TimedLayout, bench_patch_spec, run_alone, run_alternating
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.collate import collate
 from vlm_train.data.encode import EncodedSample, Encoder
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
-from vlm_train.data.image import PatchSpec
 from vlm_train.data.synthetic import corpus_lines
 from vlm_train.data.tokenizer import build_tiny_tokenizer
 from vlm_train.devices import pick_device
@@ -270,13 +269,7 @@ class Layout(TimedLayout):
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.attn_backend = resolve_backend(model_cfg.attn_backend, self.device, dtype)
         vision = model_cfg.vision  # the images take the tower's patch geometry, whatever the preset
-        spec = PatchSpec(
-            patch_size=vision.patch_size,
-            temporal_patch_size=vision.temporal_patch_size,
-            merge_size=vision.spatial_merge_size,
-            min_pixels=min(56 * 56, cfg.min_side**2),
-            max_pixels=cfg.max_side**2,
-        )
+        spec = bench_patch_spec(vision, cfg.min_side, cfg.max_side)
         encoder = Encoder(build_tiny_tokenizer(corpus_lines()), spec)
         steps = cfg.warmup + cfg.steps
         samples = make_samples(cfg, encoder, cfg.images * steps)

@@ -16,6 +16,20 @@ from typing import Any, Protocol
 
 import torch
 
+from vlm_train.data.image import PatchSpec
+from vlm_train.model.config import VisionConfig
+
+
+def bench_patch_spec(vision: VisionConfig, min_side: int, max_side: int) -> PatchSpec:
+    """The tower's patch geometry, with a pixel range that keeps images of min_side..max_side px as drawn."""
+    return PatchSpec(
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+        min_pixels=min(56 * 56, min_side**2),
+        max_pixels=max_side**2,
+    )
+
 
 class Layout(Protocol):
     device: torch.device

@@ -35,6 +35,9 @@ class PackedBatch:
     skipped: dict[str, int] = field(default_factory=dict)  # samples skipped since the previous pack, by reason
     patch_positions: torch.Tensor | None = None  # int64 [P, 2] (row, column) per patch; set only when tokens drop
     loader_state: dict[str, Any] | None = None  # a loader worker's state after this pack (taken off by the loader)
+    # A target's stored hidden states (offline Eagle3 draft training; see tools/dump_hidden_states.py), per token:
+    target_aux: torch.Tensor | None = None  # [T, 3D]: its three draft layers' outputs, concatenated
+    target_final: torch.Tensor | None = None  # [T, D]: its final-normed hidden state (its LM head's input)
 
     @property
     def num_tokens(self) -> int:

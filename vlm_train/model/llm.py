@@ -144,16 +144,30 @@ class DecoderLM(nn.Module):
         self, embeds: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None
     ) -> torch.Tensor:
         """Embeddings [T, D] with position_ids [3, T] or [T] -> final-normed hidden states [T, D]."""
+        return self.forward_capture(embeds, position_ids, cu_seqlens, max_seqlen)[0]
+
+    def forward_capture(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | None,
+        capture: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`forward_embeds`, also returning the output of each decoder layer in `capture` (before the final norm;
+        what an Eagle3 draft reads)."""
         if position_ids.shape[-1] != embeds.shape[0]:
             raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match {embeds.shape[0]} tokens")
         cos, sin = self.rotary(position_ids, embeds.device)
-        x = embeds
-        for layer in self.layers:
+        x, captured = embeds, {}
+        for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen)
-        return self.norm(x)
+            if i in capture:
+                captured[i] = x
+        return self.norm(x), [captured[i] for i in capture]
 
     def rotary(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, head_dim] of the (M-)RoPE at position_ids [3, T] or [T]."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..data.batch import PackedBatch
 from .config import ModelConfig
+from .draft import DRAFT_ATTR, DraftInputs, DraftOutput, draft_losses
 from .llm import DecoderLM
 from .norm import RMSNorm
 from .projector import PatchMerger
@@ -128,11 +129,20 @@ class VLM(nn.Module):
             )
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
-    def forward(self, batch: PackedBatch, return_logits: bool = True, vision_pretrain: bool = False) -> VLMOutput:
+    def forward(
+        self,
+        batch: PackedBatch,
+        return_logits: bool = True,
+        vision_pretrain: bool = False,
+        draft: DraftInputs | None = None,
+    ) -> VLMOutput:
         """Run one pack; logits [T, V] only when `return_logits` (a fused loss may want just the hidden states).
 
         `vision_pretrain`: the vision stage's outputs instead (a VisionHeadsOutput from the attached vision heads,
-        see vision_heads.py); through forward, so DeepSpeed's engine sees the call."""
+        see vision_heads.py); `draft`: the attached Eagle3 draft's TTT losses on the pack (a DraftOutput, see
+        draft.py). Through forward, so DeepSpeed's engine sees the call."""
+        if draft is not None:
+            return self.draft_forward(batch, draft)  # type: ignore[return-value]
         if vision_pretrain:
             heads = getattr(self, HEADS_ATTR, None)
             if heads is None:
@@ -140,3 +150,9 @@ class VLM(nn.Module):
             return heads(self, batch)
         hidden = self.llm.forward_embeds(self.embed(batch), batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         return VLMOutput(hidden=hidden, logits=self.llm.logits(hidden) if return_logits else None)
+
+    def draft_forward(self, batch: PackedBatch, inputs: DraftInputs) -> DraftOutput:
+        module = getattr(self, DRAFT_ATTR, None)
+        if module is None:
+            raise ValueError("a draft stage needs the Eagle3 draft attached (draft.attach_draft)")
+        return draft_losses(module, batch.input_ids, batch.position_ids, batch.cu_seqlens, inputs)

@@ -17,12 +17,13 @@ from vlm_train.data.pack_cost import FlopsCost
 from vlm_train.data.synthetic import corpus_lines, ensure_synthetic_shards
 from vlm_train.data.tokenizer import load_tokenizer
 from vlm_train.model.config import ModelConfig
+from vlm_train.model.draft import Eagle3Draft, attach_draft
 from vlm_train.model.flops import flops_cost
 from vlm_train.model.hf import apply_hf_init
 from vlm_train.model.vision_heads import VisionHeads, attach_heads
 from vlm_train.model.vlm import VLM
 from vlm_train.train.checkpoint import MODEL_FILE, read_checkpoint_file, resolve_checkpoint
-from vlm_train.train.config import VisionPretrainConfig
+from vlm_train.train.config import Eagle3Config, VisionPretrainConfig
 
 
 @dataclass
@@ -131,3 +132,11 @@ def load_vision_from_checkpoint(vlm: VLM, path: str) -> None:
             f"(set model.vision like the checkpoint's config.yaml): {problems[:6]}"
         )
     vlm.vision.load_state_dict(tower)
+
+
+def add_draft(vlm: VLM, eagle3: Eagle3Config) -> VLM:
+    """Attach a fresh Eagle3 draft of this VLM (a run with a draft stage); its vocabulary and embedding copy are
+    set when its first draft stage starts."""
+    llm = vlm.cfg.llm
+    attach_draft(vlm, Eagle3Draft(llm, eagle3.draft, llm.vocab_size, vlm.cfg.attn_backend))
+    return vlm

@@ -5,6 +5,7 @@ complete checkpoint (tools use the same lookup).
 Layout of RUN/checkpoints/step_XXXXXXXX/:
   model.safetensors            full model weights (rank 0): the VLM
   vision_heads.safetensors     a vision stage's heads (pooling, projections, text tower), when the run has them
+  draft.safetensors            an Eagle3 draft (with its vocabulary maps d2t, t2d), when the run has a draft stage
   trainer_state.json           step, the launch (world size, engine, ZeRO stage) and the shared parts' states
                                (position in the curriculum, guard)
   NAME_rankNNNNN.pt | .json    each per-rank part's state: optimizer and rng as tensors (.pt), loader as JSON
@@ -30,6 +31,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from vlm_train.jsonio import dumps
+from vlm_train.model.draft import without_draft
 from vlm_train.model.vision_heads import without_heads
 from vlm_train.train import distributed as D
 from vlm_train.train.config import CheckpointConfig
@@ -39,6 +41,7 @@ PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 MODEL_FILE = "model.safetensors"
 HEADS_FILE = "vision_heads.safetensors"  # a vision stage's pooling head and text tower, not part of the VLM
+DRAFT_FILE = "draft.safetensors"  # a draft stage's Eagle3 draft, not part of the VLM
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -194,13 +197,14 @@ def load_model_weights(model: nn.Module, checkpoint: str | Path) -> None:
     path = Path(checkpoint) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {MODEL_FILE} in checkpoint {checkpoint}")
-    with without_heads(model) as heads:
+    with without_heads(model) as heads, without_draft(model) as draft:
         _load_exactly(model, path, checkpoint, "weights")
-    heads_path = Path(checkpoint) / HEADS_FILE
-    if heads is not None and heads_path.is_file():
-        _load_exactly(heads, heads_path, checkpoint, "vision heads")
-    elif heads is not None:
-        log.info("%s has no %s: the vision heads start fresh", checkpoint, HEADS_FILE)
+    for part, name, what in ((heads, HEADS_FILE, "vision heads"), (draft, DRAFT_FILE, "draft")):
+        part_path = Path(checkpoint) / name
+        if part is not None and part_path.is_file():
+            _load_exactly(part, part_path, checkpoint, what)
+        elif part is not None:
+            log.info("%s has no %s: the %s start fresh", checkpoint, name, what)
 
 
 def _load_exactly(module: nn.Module, path: Path, checkpoint: str | Path, what: str) -> None:
@@ -265,10 +269,13 @@ class Checkpointer:
         if main:
             if model is None:
                 raise ValueError("Checkpointer.save needs the model's weights on rank 0")
-            with without_heads(model) as heads:  # the VLM alone: what inference, export and merging read
+            # the VLM alone: what inference, export and merging read
+            with without_heads(model) as heads, without_draft(model) as draft:
                 save_model(model, str(tmp / MODEL_FILE))  # handles tied embeddings
             if heads is not None:
                 save_model(heads, str(tmp / HEADS_FILE))
+            if draft is not None:
+                save_model(draft, str(tmp / DRAFT_FILE))
             state = {"step": step, **self.launch.state(), **(info or {})}
             state.update({name: p.part.state_dict() for name, p in self.parts.items() if not p.per_rank})
             (tmp / TRAINER_STATE).write_text(dumps(state, indent=1))

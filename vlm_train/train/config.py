@@ -11,6 +11,7 @@ from omegaconf import MISSING, OmegaConf
 
 from vlm_train.data.config import DataConfig
 from vlm_train.model.config import ModelConfig
+from vlm_train.model.draft import DraftShapeConfig
 from vlm_train.model.vision_heads import VisionHeadsConfig
 
 
@@ -36,14 +37,15 @@ class LossConfig:
     kernel: str = "chunked"
 
 
-STAGE_KINDS = ("vlm", "vision")
+STAGE_KINDS = ("vlm", "vision", "draft")
 
 
 @dataclass
 class StageConfig:
     name: str = MISSING
     # vlm: the VLM's token loss | vision: the vision tower alone, with the objectives of `vision_pretrain` (its
-    # pooling head and text tower train with it; they are not part of the VLM)
+    # pooling head and text tower train with it; they are not part of the VLM) | draft: an Eagle3 draft of the
+    # frozen VLM, with the settings of `eagle3` (trainable: draft.*)
     kind: str = "vlm"
     steps: int = 0  # optimizer steps in this stage, or
     tokens: int = 0  # LLM tokens (all ranks together) in this stage: set exactly one of steps and tokens
@@ -71,6 +73,24 @@ class VisionPretrainConfig:
     # The label vocabulary. A sample's labels: the list in its JSON's `labels` field, else the vocabulary words
     # that appear in its caption (whole words, any case).
     labels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Eagle3Config:
+    """The Eagle3 draft of `kind: draft` stages: its target, its shape and its training-time test."""
+
+    # The frozen target: one of our run or checkpoint folders, or a Hugging Face Qwen2.5-VL folder; empty: the
+    # run's own VLM (a curriculum that pretrains, then trains its draft)
+    target: str = ""
+    # Offline: a folder of the target's hidden states written by tools/dump_hidden_states.py; the draft stages
+    # read them instead of running the target. Empty: online (the target runs forward in the loop).
+    offline: str = ""
+    draft: DraftShapeConfig = field(default_factory=DraftShapeConfig)
+    ttt_steps: int = 7  # training-time-test steps per position
+    step_weight: float = 0.8  # step j's loss is weighted step_weight ** j
+    vocab_samples: int = 2000  # training samples whose supervised tokens choose the draft vocabulary
+    # The precision the target's hidden states reach the draft in, online as offline (stored): bfloat16 | float16
+    hidden_dtype: str = "bfloat16"
 
 
 def _default_groups() -> dict[str, list[str]]:
@@ -168,6 +188,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     vision_pretrain: VisionPretrainConfig = field(default_factory=VisionPretrainConfig)
+    eagle3: Eagle3Config = field(default_factory=Eagle3Config)
     loss: LossConfig = field(default_factory=LossConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

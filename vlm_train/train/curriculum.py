@@ -13,6 +13,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from torch import nn
 
 from vlm_train.data.config import DataConfig
+from vlm_train.model.draft import DRAFT_ATTR
 from vlm_train.model.vision_heads import HEADS_ATTR
 from vlm_train.train.config import (
     STAGE_KINDS,
@@ -27,6 +28,8 @@ from vlm_train.train.schedule import DECAY_SHAPES, SCHEDULES, lr_factor
 from vlm_train.train.vision_objective import check_vision_pretrain
 
 HEADS_PREFIX = HEADS_ATTR + "."
+DRAFT_PREFIX = DRAFT_ATTR + "."
+DRAFT_FROZEN = DRAFT_PREFIX + "embed_tokens.*"  # the draft's copy of the target's embedding never trains
 OTHER_GROUP = "other"  # parameters that match no group of curriculum.groups
 T = TypeVar("T")
 
@@ -49,6 +52,18 @@ def validate_curriculum(
             raise ValueError(
                 f"{where}: a vision stage needs the model built with its heads (build_model(..., vision_pretrain))"
             )
+        if stage.kind == "draft":
+            if not any(n.startswith(DRAFT_PREFIX) for n in names):
+                raise ValueError(f"{where}: a draft stage needs the model built with its draft (draft.attach_draft)")
+            outside = sorted(
+                {n.split(".")[0] + ".*" for n in names if any(fnmatch.fnmatchcase(n, p) for p in stage.trainable)}
+                - {DRAFT_PREFIX + "*"}
+            )
+            if outside:
+                raise ValueError(
+                    f"{where}: a draft stage trains the draft against a frozen target, but trainable "
+                    f"{list(stage.trainable)} also matches {outside}: set trainable to [draft.*]"
+                )
         if (stage.steps > 0) == (stage.tokens > 0) or stage.steps < 0 or stage.tokens < 0:
             raise ValueError(
                 f"{where}: set exactly one of steps and tokens to a positive number "
@@ -105,19 +120,21 @@ def check_vision_stages(stages: list[StageConfig], cfg: VisionPretrainConfig, mo
 
 def set_stage_trainable(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
     """What trains in `stage`: its `trainable` patterns; the vision heads always in a vision stage, never in
-    another (they are not part of the VLM)."""
+    another, and the draft (but its embedding copy) in a draft stage only: neither is part of the VLM."""
     if stage.kind == "vision":
-        return set_trainable(model, [*stage.trainable, HEADS_PREFIX + "*"])
-    return set_trainable(model, list(stage.trainable), frozen=HEADS_PREFIX + "*")
+        return set_trainable(model, [*stage.trainable, HEADS_PREFIX + "*"], frozen=[DRAFT_PREFIX + "*"])
+    if stage.kind == "draft":
+        return set_trainable(model, [DRAFT_PREFIX + "*"], frozen=[DRAFT_FROZEN])
+    return set_trainable(model, list(stage.trainable), frozen=[HEADS_PREFIX + "*", DRAFT_PREFIX + "*"])
 
 
-def set_trainable(model: nn.Module, patterns: list[str], frozen: str = "") -> list[nn.Parameter]:
+def set_trainable(model: nn.Module, patterns: list[str], frozen: list[str] | None = None) -> list[nn.Parameter]:
     """Unfreeze the parameters whose names match any pattern (but not `frozen`) and freeze the rest; returns the
     trainable ones."""
     trainable = []
     for name, param in model.named_parameters():
         wanted = any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-        param.requires_grad_(wanted and not (frozen and fnmatch.fnmatchcase(name, frozen)))
+        param.requires_grad_(wanted and not any(fnmatch.fnmatchcase(name, f) for f in frozen or ()))
         if param.requires_grad:
             trainable.append(param)
     return trainable

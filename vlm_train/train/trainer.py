@@ -7,6 +7,7 @@ Checkpointer, which saves and restores them. `run(cfg)` is the whole job: train,
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -19,9 +20,11 @@ from omegaconf import OmegaConf
 from vlm_train import runtime
 from vlm_train.devices import pick_device
 from vlm_train.jsonio import dumps
+from vlm_train.model.draft import draft_of
 from vlm_train.model.flops import TrainedParts
+from vlm_train.model.vlm import VLM
 from vlm_train.train import distributed as D
-from vlm_train.train.builders import build_data, build_model
+from vlm_train.train.builders import add_draft, build_data, build_model, build_stream
 from vlm_train.train.checkpoint import Checkpointer, Launch, RandomState
 from vlm_train.train.config import Config, StageConfig
 from vlm_train.train.curriculum import (
@@ -29,9 +32,13 @@ from vlm_train.train.curriculum import (
     group_lrs,
     param_groups,
     set_stage_trainable,
+    stage_data,
     stage_loss,
     validate_curriculum,
 )
+from vlm_train.train.draft_objective import check_eagle3, choose_vocabulary
+from vlm_train.train.draft_step import draft_forward_backward
+from vlm_train.train.draft_target import load_target
 from vlm_train.train.engines import build_engine, resolve_engine
 from vlm_train.train.evaluator import PREDICTIONS_FILE, HeldoutEvaluator, HeldoutResult, print_report, write_predictions
 from vlm_train.train.guards import FaultInjector, Guard, StopSignal
@@ -52,9 +59,6 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path, dist: D.DistInfo):
         self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
-        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
-        if dist.is_main:
-            (run_dir / "config.yaml").write_text(self.config_yaml)
         runtime.set_cpu_threads(cfg.engine.threads)
         self.device = pick_device(cfg.engine.device, dist.local_rank)
         torch.manual_seed(cfg.run.seed)
@@ -64,16 +68,24 @@ class Trainer:
         resume = self.checkpointer.resume_point(cfg.train.resume)
 
         self.setup = build_data(cfg.data, cfg.model)
-        heads = cfg.vision_pretrain if any(s.kind == "vision" for s in cfg.curriculum.stages) else None
-        model = build_model(cfg.model, self.setup, load_hf=resume is None, vision_pretrain=heads)
+        stages = cfg.curriculum.stages
+        self.heads = cfg.vision_pretrain if any(s.kind == "vision" for s in stages) else None
+        self.eagle3 = cfg.eagle3 if any(s.kind == "draft" for s in stages) else None
+        if self.eagle3 is not None:
+            check_eagle3(self.eagle3, stages, zero_stage)
+        model = self._build_model(load=resume is None)
+        # The resolved config (with a draft's target, the target's model section): saved with every checkpoint.
+        self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        if dist.is_main:
+            (run_dir / "config.yaml").write_text(self.config_yaml)
         validate_curriculum(cfg.curriculum, model, cfg.loss, cfg.data)
-        if heads is not None:
-            check_vision_stages(cfg.curriculum.stages, cfg.vision_pretrain, model)
+        if self.heads is not None:
+            check_vision_stages(stages, cfg.vision_pretrain, model)
         self.vocab = LabelVocabulary(cfg.vision_pretrain.labels)
         if resume is not None:
             self.checkpointer.load_model(model, resume.folder)
         self.engine = build_engine(
-            cfg.engine, cfg.train, model, lambda: build_model(cfg.model, self.setup, False, heads), self.device, dist
+            cfg.engine, cfg.train, model, lambda: self._build_model(load=False), self.device, dist
         )
         self.faults = FaultInjector(cfg.train.fault, dist.rank)
         self.data = RankData(self.setup, cfg.data, cfg.model, cfg.run.seed, dist.rank, dist.world_size, self.faults)
@@ -81,7 +93,7 @@ class Trainer:
         self.position = Position()
         self.rng = RandomState()
         self.evaluator = self._make_evaluator()
-        self.vision_evaluator = self._make_vision_evaluator() if heads is not None else None
+        self.vision_evaluator = self._make_vision_evaluator() if self.heads is not None else None
         self.last_vision_eval: dict[str, Any] = {}
         self.loss_groups = LossGroups(tuple(s.name for s in self.setup.sources))  # the same on every rank
         self.last_eval: tuple[int, HeldoutResult] | None = None
@@ -114,6 +126,44 @@ class Trainer:
             dist.world_size,
             self.device,
             f" | resuming from {resume.folder}" if resume is not None else "",
+        )
+
+    def _build_model(self, load: bool) -> VLM:
+        """The run's VLM (a draft stage's target: `eagle3.target` when set), with the vision heads and the draft
+        attached when a stage needs them; `load=False` skips initial weights that a checkpoint replaces."""
+        cfg, eagle3 = self.cfg, self.eagle3
+        if eagle3 is not None and eagle3.target:
+            image_pad = self.setup.encoder.special.image_pad
+            model = load_target(eagle3.target, self.setup.tokenizer, image_pad)
+            model.set_attn_backend(cfg.model.attn_backend)
+            cfg.model = dataclasses.replace(model.cfg)  # the checkpoints' config describes the target
+        else:
+            model = build_model(cfg.model, self.setup, load_hf=load, vision_pretrain=self.heads)
+        return add_draft(model, eagle3) if eagle3 is not None else model
+
+    def _start_draft(self, stage: StageConfig) -> None:
+        """A draft stage's first step: copy the target's embedding into the draft (frozen) and choose the draft
+        vocabulary from the supervised tokens of this stage's data (the same on every rank)."""
+        assert self.eagle3 is not None
+        draft = draft_of(self.engine.model)
+        assert draft is not None
+        target = self.engine.model.llm.embed_tokens.weight
+        with torch.no_grad():
+            draft.embed_tokens.weight.copy_(target)
+        stream = build_stream(self.setup, stage_data(self.cfg.data, stage), self.cfg.run.seed)
+        samples, labels = 0, []
+        for pack in stream:
+            labels.append(pack.labels)
+            samples += pack.num_samples
+            if samples >= self.eagle3.vocab_samples:
+                break
+        ids = choose_vocabulary(labels, draft.draft_vocab_size, draft.t2d.numel())
+        draft.set_vocabulary(ids)
+        log.info(
+            "draft vocabulary: the %d most frequent of %d target tokens, from %d samples' supervised tokens",
+            draft.draft_vocab_size,
+            draft.t2d.numel(),
+            samples,
         )
 
     def _make_evaluator(self) -> HeldoutEvaluator | None:
@@ -158,6 +208,8 @@ class Trainer:
             set_stage_trainable(module, stage)
             return param_groups(module, stage, cfg.curriculum.groups, cfg.train)
 
+        if stage.kind == "draft" and self.position.step_in_stage == 0:
+            self._start_draft(stage)
         self.engine.start_stage(make_groups, self.position.stage)
         self.data.enter(stage)
         self.policy = stage_loss(cfg.loss, stage)
@@ -166,6 +218,8 @@ class Trainer:
             self.trained_parts = TrainedParts(
                 vision=self.trained_parts.vision, projector=False, llm=False, lm_head=False
             )
+        elif stage.kind == "draft":  # the VLM is frozen; the draft's FLOPs are not counted in MFU
+            self.trained_parts = TrainedParts(vision=False, projector=False, llm=False, lm_head=False)
         # ZeRO-3 leaves a partition in each parameter; ds_numel is its full size.
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.model.parameters() if p.requires_grad)
         length = f"{stage.steps} steps" if stage.steps else f"{stage.tokens} tokens"
@@ -185,7 +239,10 @@ class Trainer:
         packs = self.data.next_packs(self.cfg.train.micro_batches)
         step = self.position.step + 1
         vision = stage.kind == "vision"
-        if vision:
+        if stage.kind == "draft":
+            assert self.eagle3 is not None
+            result = draft_forward_backward(self.engine, packs, self.eagle3)
+        elif vision:
             image_pad = self.setup.encoder.special.image_pad
             dist = self.dist
             result = vision_forward_backward(
@@ -232,6 +289,8 @@ class Trainer:
         return step == 1 or step % max(self.cfg.logger.console_interval, 1) == 0 or self.position.stage_done(stage)
 
     def _eval_due(self, stage: StageConfig) -> bool:
+        if stage.kind == "draft":  # the VLM is frozen: its held-out figures do not change
+            return False
         interval, step = self.cfg.eval.interval, self.position.step
         stage_end = self.cfg.eval.at_stage_end and self.position.stage_done(stage)
         return self.evaluator is not None and ((interval > 0 and step % interval == 0) or stage_end)
@@ -312,7 +371,7 @@ class Trainer:
             **self._data_skips(),
             **self.last_vision_eval,
         }
-        vlm_trained = any(s.kind != "vision" for s in self.cfg.curriculum.stages)  # else there is no VLM to score
+        vlm_trained = any(s.kind == "vlm" for s in self.cfg.curriculum.stages)  # else there is no VLM to score
         result = self.evaluate() if self.cfg.eval.enabled and self.evaluator is not None and vlm_trained else None
         if result is not None:
             summary.update(result.metrics)

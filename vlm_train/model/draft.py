@@ -48,7 +48,7 @@ class DraftShapeConfig:
 
 def default_layers(num_layers: int) -> list[int]:
     """SpecForge's and SGLang's low, middle and high layers (outputs of layers 1, L/2 - 1, L - 4); a target of
-    fewer than 8 layers gets its first, middle and last instead, which are distinct."""
+    fewer than 8 layers gets its first, middle and last instead (distinct from 3 layers on)."""
     if num_layers >= 8:
         return [1, num_layers // 2 - 1, num_layers - 4]
     return [0, (num_layers - 1) // 2, num_layers - 1]
@@ -203,10 +203,8 @@ class Eagle3Draft(nn.Module):
     ) -> None:
         super().__init__()
         layers = list(shape.target_layers) or default_layers(target.num_layers)
-        if len(layers) != 3 or any(not 0 <= i < target.num_layers for i in layers) or len(set(layers)) != 3:
-            raise ValueError(
-                f"eagle3.target_layers {layers} must be 3 distinct layers of the target's {target.num_layers}"
-            )
+        if len(layers) != 3 or any(not 0 <= i < target.num_layers for i in layers):
+            raise ValueError(f"eagle3.draft.target_layers {layers} must be 3 layers of the target's {target.num_layers}")
         self.target_layers = tuple(layers)
         self.cfg = draft_llm_config(target, shape)
         self.cfg.validate()

@@ -10,7 +10,10 @@ and the simulated acceptance length sum_k prod_{j<=k} acc_j.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import nn
 
 from vlm_train.data.batch import PackedBatch
 from vlm_train.model.draft import DraftInputs, DraftOutput, draft_of
@@ -55,8 +58,15 @@ def simulated_acceptance(accuracies: list[float]) -> float:
     return total
 
 
-def draft_forward_backward(engine: Engine, packs: list[PackedBatch], cfg: Eagle3Config) -> StepResult:
-    """Forward and backward of this rank's micro-batches of a draft stage; see the module docstring."""
+def draft_forward_backward(
+    engine: Engine,
+    packs: list[PackedBatch],
+    cfg: Eagle3Config,
+    nan: bool = False,
+    inf_grad: Callable[[nn.Module], Callable[[], None]] | None = None,
+) -> StepResult:
+    """Forward and backward of this rank's micro-batches of a draft stage; see the module docstring. `nan` and
+    `inf_grad` inject faults as in the VLM's step (the guards judge a draft step the same way)."""
     module, device, model = engine.forward_module(), engine.device, engine.model
     moved, inputs = [], []
     for pack in packs:
@@ -74,14 +84,19 @@ def draft_forward_backward(engine: Engine, packs: list[PackedBatch], cfg: Eagle3
     loss_sums = torch.zeros(steps, dtype=torch.float64, device=device)
     correct = torch.zeros(steps, dtype=torch.float64, device=device)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
+    undo = inf_grad(model) if inf_grad is not None else None
     for batch, item in zip(moved, inputs):
         with engine.autocast():
             out: DraftOutput = module(batch, draft=item)
         micro = (out.loss_sums.float() * scale).sum()
+        if nan:
+            micro = micro * float("nan")
         engine.backward(micro)
         step_loss += micro.detach().double()
         loss_sums += out.loss_sums.detach().double()
         correct += out.correct.detach().double()
+    if undo is not None:
+        undo()
     sums = D.all_reduce(torch.cat([loss_sums, correct]))
     total = counts.clamp(min=1)
     losses, accuracies = (sums[:steps] / total).tolist(), (sums[steps:] / total).tolist()

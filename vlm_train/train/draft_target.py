@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_model
 from transformers import PreTrainedTokenizerBase
 
 from vlm_train.model.config import ModelConfig
@@ -33,15 +34,17 @@ def load_target(path: str, tokenizer: PreTrainedTokenizerBase, image_token_id: i
     cfg = ModelConfig.from_dict(config["model"])
     for name in ("init_from_hf", "init_llm_from_hf", "init_vision_from_hf", "init_vision_from"):
         setattr(cfg, name, "")
-    weights = read_checkpoint_file(checkpoint / MODEL_FILE, load_file, "weights")
-    if "llm.embed_tokens.weight" not in weights:
+    with safe_open(checkpoint / MODEL_FILE, "pt") as weights:
+        shapes = {name: weights.get_slice(name).get_shape() for name in weights.keys()}
+    if "llm.embed_tokens.weight" not in shapes:
         raise ValueError(f"eagle3.target={path}: {checkpoint / MODEL_FILE} is not a vlm_train VLM (no llm weights)")
     theirs = _saved_tokenizer(checkpoint / "tokenizer")
     if theirs is not None:
         check_same_tokenizer(theirs, tokenizer, f"eagle3.target={path}")
-    cfg.llm.vocab_size = int(weights["llm.embed_tokens.weight"].shape[0])
+    cfg.llm.vocab_size = int(shapes["llm.embed_tokens.weight"][0])
     model = VLM(cfg, vocab_size=cfg.llm.vocab_size, image_token_id=image_token_id)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    file = checkpoint / MODEL_FILE
+    missing, unexpected = read_checkpoint_file(file, lambda p: load_model(model, str(p), strict=False), "weights")
     if missing or unexpected:
         raise ValueError(
             f"eagle3.target={path}: its weights do not fit its own config (missing {missing[:4]}, "

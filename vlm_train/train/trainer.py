@@ -37,6 +37,7 @@ from vlm_train.train.curriculum import (
     validate_curriculum,
 )
 from vlm_train.train.draft_objective import check_eagle3, choose_vocabulary
+from vlm_train.train.draft_offline import OfflineTarget, offline_model, open_offline
 from vlm_train.train.draft_step import draft_forward_backward
 from vlm_train.train.draft_target import load_target
 from vlm_train.train.engines import build_engine, resolve_engine
@@ -67,12 +68,16 @@ class Trainer:
         self.checkpointer = Checkpointer(run_dir, cfg.checkpoint, dist, launch)
         resume = self.checkpointer.resume_point(cfg.train.resume)
 
-        self.setup = build_data(cfg.data, cfg.model)
         stages = cfg.curriculum.stages
         self.heads = cfg.vision_pretrain if any(s.kind == "vision" for s in stages) else None
         self.eagle3 = cfg.eagle3 if any(s.kind == "draft" for s in stages) else None
         if self.eagle3 is not None:
             check_eagle3(self.eagle3, stages, zero_stage)
+        self.offline: OfflineTarget | None = None
+        if self.eagle3 is not None and self.eagle3.offline:  # the stored hidden states are the data
+            self.offline, self.setup = open_offline(self.eagle3, cfg.data)
+        else:
+            self.setup = build_data(cfg.data, cfg.model)
         model = self._build_model(load=resume is None)
         # The resolved config (with a draft's target, the target's model section): saved with every checkpoint.
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -129,10 +134,14 @@ class Trainer:
         )
 
     def _build_model(self, load: bool) -> VLM:
-        """The run's VLM (a draft stage's target: `eagle3.target` when set), with the vision heads and the draft
-        attached when a stage needs them; `load=False` skips initial weights that a checkpoint replaces."""
+        """The run's VLM (a draft stage's target: `eagle3.target` when set; offline, the stored target's shape with
+        its LM head and embedding, see draft_offline.py), with the vision heads and the draft attached when a stage
+        needs them; `load=False` skips initial weights that a checkpoint replaces."""
         cfg, eagle3 = self.cfg, self.eagle3
-        if eagle3 is not None and eagle3.target:
+        if self.offline is not None:  # the target's shape with only its LM head and embedding: nothing else runs
+            model = offline_model(self.offline, self.setup.encoder.special.image_pad, cfg.model.attn_backend)
+            cfg.model = dataclasses.replace(model.cfg)
+        elif eagle3 is not None and eagle3.target:
             image_pad = self.setup.encoder.special.image_pad
             model = load_target(eagle3.target, self.setup.tokenizer, image_pad)
             model.set_attn_backend(cfg.model.attn_backend)
@@ -241,7 +250,13 @@ class Trainer:
         vision = stage.kind == "vision"
         if stage.kind == "draft":
             assert self.eagle3 is not None
-            result = draft_forward_backward(self.engine, packs, self.eagle3)
+            result = draft_forward_backward(
+                self.engine,
+                packs,
+                self.eagle3,
+                nan=self.faults.nan_loss(step),
+                inf_grad=lambda model: self.faults.inf_grad(step, model),
+            )
         elif vision:
             image_pad = self.setup.encoder.special.image_pad
             dist = self.dist

@@ -34,6 +34,7 @@ def collate(
     if any(with_positions) and not all(with_positions):
         raise ValueError("cannot collate samples with and without patch_positions (token drop) into one pack")
     positions = np.concatenate([s.patch_positions for s in samples]) if all(with_positions) else None
+    target_aux, target_final = _target_states(samples)
     return PackedBatch(
         input_ids=torch.from_numpy(np.concatenate([s.input_ids for s in samples])),
         labels=torch.from_numpy(np.concatenate([s.labels for s in samples])),
@@ -48,7 +49,22 @@ def collate(
         meta=[s.meta for s in samples],
         skipped=dict(skipped or {}),
         patch_positions=None if positions is None else torch.from_numpy(positions),
+        target_aux=target_aux,
+        target_final=target_final,
     )
+
+
+def _target_states(samples: list[EncodedSample]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Stored target hidden states (offline draft training), per token in pack order: all samples have them or none."""
+    stored = [s.target_aux is not None and s.target_final is not None for s in samples]
+    if not any(stored):
+        return None, None
+    if not all(stored):
+        raise ValueError("cannot collate samples with and without stored hidden states into one pack")
+    layouts = {(s.target_aux.dtype, s.target_aux.shape[1], s.target_final.shape[1]) for s in samples}
+    if len(layouts) > 1:  # torch.cat would silently promote bfloat16 and float16 to float32
+        raise ValueError(f"cannot collate hidden states of different dtypes or widths: {sorted(map(str, layouts))}")
+    return torch.cat([s.target_aux for s in samples]), torch.cat([s.target_final for s in samples])
 
 
 def _pixel_values(samples: list[EncodedSample]) -> torch.Tensor:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from vlm_train.data.batch import IGNORE_INDEX
@@ -33,6 +34,10 @@ class EncodedSample:
     image_grid_thw: np.ndarray  # int64 [N, 3]
     meta: dict[str, Any] = field(default_factory=dict)
     patch_positions: np.ndarray | None = None  # int64 [P, 2] (row, column) of each patch; set when tokens drop
+    # A target's stored hidden states per token (format hidden_states, offline draft training); torch tensors,
+    # as numpy has no bfloat16
+    target_aux: torch.Tensor | None = None  # [L, 3D]
+    target_final: torch.Tensor | None = None  # [L, D]
 
     @property
     def num_tokens(self) -> int:

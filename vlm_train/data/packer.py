@@ -11,6 +11,7 @@ from typing import Any, Optional
 from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import EncodedSample
+from vlm_train.data.hidden_states import cut_to_budget
 from vlm_train.data.pack_cost import FlopsCost
 from vlm_train.data.pack_planner import SKIP_REASONS, Budget, FlopsTarget, Item, PackPlanner
 from vlm_train.data.tokenizer import SpecialIds
@@ -82,10 +83,15 @@ class Packer:
         over = self.budget.overflow(sample.num_tokens, sample.num_patches, sample.image_grid_thw.shape[0])
         if over is None:
             return sample
-        if self.cfg.too_long == "truncate" and (cut := truncate(sample, self.budget, self.special)) is not None:
+        if self.cfg.too_long == "truncate" and (cut := self._truncate(sample)) is not None:
             return cut
         limit = {"tokens": self.budget.tokens, "patches": self.budget.patches, "images": self.budget.images}[over]
         raise SkipSample(SKIP_REASONS[over], f"sample {sample.meta.get('key')} is over the {over} budget {limit}")
+
+    def _truncate(self, sample: EncodedSample) -> EncodedSample | None:
+        if sample.target_aux is not None:  # stored hidden states (offline draft training): no images to keep whole
+            return cut_to_budget(sample, self.budget)
+        return truncate(sample, self.budget, self.special)
 
     def add(self, sample: EncodedSample) -> list[list[EncodedSample]]:
         """Buffer a sample; returns the packs it completes (none while the buffer fills). Raises SkipSample."""

@@ -9,13 +9,15 @@ from typing import Any
 
 import webdataset as wds
 
+from vlm_train.data.hidden_states import FORMAT as HIDDEN_STATES
 from vlm_train.data.shard_assignment import Unit, slot_units
 from vlm_train.data.state import new_rng, restore_key, rng_from_state, rng_state
 from vlm_train.data.tar_reader import ShardError, check_url, iter_shard
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "caption", "conversation", "grounding", "text")
+FORMATS = ("auto", "caption", "conversation", "grounding", "text")  # decoded from raw members (formats.py)
+SOURCE_FORMATS = (*FORMATS, HIDDEN_STATES)  # and stored hidden states, already encoded (offline draft training)
 
 
 @dataclass
@@ -23,15 +25,15 @@ class Source:
     name: str
     urls: list[str]
     weight: float = 1.0
-    format: str = "auto"  # auto | caption | conversation | grounding | text
+    format: str = "auto"  # auto | caption | conversation | grounding | text | hidden_states (data/hidden_states.py)
 
     def __post_init__(self) -> None:
         if not self.urls:
             raise ValueError(f"data source {self.name!r} has no shards")
         if not self.weight > 0:
             raise ValueError(f"data source {self.name!r}: weight must be positive, got {self.weight}")
-        if self.format not in FORMATS:
-            raise ValueError(f"data source {self.name!r}: format {self.format!r} is not one of {FORMATS}")
+        if self.format not in SOURCE_FORMATS:
+            raise ValueError(f"data source {self.name!r}: format {self.format!r} is not one of {SOURCE_FORMATS}")
 
 
 def expand_urls(urls: str | list[str], allow_pipe: bool = False) -> list[str]:

@@ -21,6 +21,8 @@ from vlm_train.data.config import DataConfig
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import EncodedSample, Encoder
 from vlm_train.data.formats import parse_sample
+from vlm_train.data.hidden_states import FORMAT as HIDDEN_STATES
+from vlm_train.data.hidden_states import read_sample as read_hidden_states
 from vlm_train.data.packer import Packer
 from vlm_train.data.sources import Source, SourceReader
 from vlm_train.data.state import find_restore_keys, new_rng, rng_from_state, rng_state, sample_rng
@@ -117,8 +119,11 @@ class SlotStream:
 
     def _encode(self, source: Source, raw: dict[str, Any]) -> EncodedSample:
         key = raw["__restore__"]
-        sample = parse_sample(raw, source.name, self.cfg.image.max_decode_pixels, source.format)
-        encoded = self.encoder.encode(sample, rng=sample_rng(self.seed, key))
+        if source.format == HIDDEN_STATES:  # stored already encoded, with the target's hidden states
+            encoded = read_hidden_states(raw, source.name, self.encoder.spec.pixel_dim)
+        else:
+            sample = parse_sample(raw, source.name, self.cfg.image.max_decode_pixels, source.format)
+            encoded = self.encoder.encode(sample, rng=sample_rng(self.seed, key))
         encoded.meta["restore_key"] = key
         return encoded
 

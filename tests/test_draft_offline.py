@@ -265,3 +265,7 @@ def test_a_draft_target_tokenizer_mismatch_is_an_error(dumped, tmp_path):
     data = make_config(f"data.tokenizer={tmp_path / 'tokenizer'}").data
     with pytest.raises(ValueError, match=r"draft/target tokenizer mismatch.*\d+ tokens.*set data.tokenizer"):
         open_offline(_offline_eagle3(folder), data)
+    copy = tmp_path / "states"  # without the tokenizer copy, the manifest's fingerprint alone tells
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(ValueError, match=r"draft/target tokenizer mismatch.*vocabulary sha256.*set data.tokenizer"):
+        open_offline(_offline_eagle3(copy), data)

@@ -2,7 +2,8 @@
 Hugging Face Qwen2.5-VL folder. Used by the generate, evaluate, convert and merge tools.
 
 Ours: checkpoints/step_XXXXXXXX/ (model.safetensors, config.yaml, tokenizer/) or a run folder (its newest
-complete checkpoint). Hugging Face: a Qwen2.5-VL folder (config.json, safetensors, tokenizer files).
+complete checkpoint). Hugging Face: a Qwen2.5-VL folder (config.json, safetensors, tokenizer files). A checkpoint of a
+run with a draft stage also holds its Eagle3 draft (draft.safetensors): `load_draft`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from vlm_train.data.encode import Encoder
 from vlm_train.data.image import PatchSpec
 from vlm_train.devices import dtype_of
 from vlm_train.model.config import ModelConfig
+from vlm_train.model.draft import DraftShapeConfig, Eagle3Draft
 from vlm_train.model.hf_weights import SafetensorsFolder, load_hf_weights
 from vlm_train.model.vlm import VLM
-from vlm_train.train.checkpoint import MODEL_FILE, read_checkpoint_file, resolve_checkpoint
+from vlm_train.train.checkpoint import DRAFT_FILE, MODEL_FILE, read_checkpoint_file, resolve_checkpoint
+from vlm_train.train.config import Eagle3Config
 
 
 @dataclass
@@ -160,3 +163,38 @@ def load(
     )
     encoder = Encoder(tokenizer, spec, system_prompt=prompt if system_prompt is None else system_prompt)
     return Loaded(model.to(device).eval(), tokenizer, encoder, checkpoint, kind, data)
+
+
+def read_eagle3_config(checkpoint: Path) -> Eagle3Config:
+    """The `eagle3` section of a checkpoint's config.yaml (the draft's shape and hidden_dtype)."""
+    config = read_config(checkpoint)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Eagle3Config), config.get("eagle3") or {})
+    except Exception as exc:  # an older or newer schema: report it rather than guess
+        raise ValueError(f"{checkpoint}/config.yaml: its eagle3 section does not fit this version: {exc}") from exc
+    return OmegaConf.to_object(merged)
+
+
+def load_draft(checkpoint: str | Path, target: VLM) -> Eagle3Draft:
+    """The Eagle3 draft saved beside a checkpoint's VLM (draft.safetensors, with its vocabulary maps), built from
+    config.yaml's eagle3.draft and the target's LLM config, on the target's device and dtype, in eval mode."""
+    checkpoint = resolve_checkpoint(Path(checkpoint).expanduser())
+    path = checkpoint / DRAFT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint}: no {DRAFT_FILE}: train one with curriculum=eagle3")
+    from safetensors.torch import load_file
+
+    shape: DraftShapeConfig = read_eagle3_config(checkpoint).draft
+    llm = target.llm.cfg
+    draft = Eagle3Draft(llm, shape, llm.vocab_size, target.cfg.attn_backend)
+    weights = read_checkpoint_file(path, load_file, "draft")
+    where = f"{path} does not fit the draft that {checkpoint}/config.yaml (eagle3.draft) and the target describe"
+    try:
+        missing, unexpected = draft.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        raise ValueError(f"{where}: {exc}") from exc
+    if missing or unexpected:
+        raise ValueError(f"{where}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    weight = target.llm.embed_tokens.weight
+    # Float weights follow the target; the vocabulary maps (integer and bool buffers) keep their types.
+    return draft.to(device=weight.device, dtype=weight.dtype).eval()

@@ -2,7 +2,8 @@
 
 Parameter names mirror HF `Qwen2ForCausalLM` minus its `model.` prefix, so an HF state dict loads by a rename.
 Training runs `forward_embeds` over a pack; generation runs `prefill` over a pack of prompts, then `decode_step`
-one token per sequence against a `KVCache`.
+one token per sequence against a `KVCache`; speculative decoding runs `extend` (several new tokens per sequence at
+once) and rolls the cache back with `KVCache.truncate`.
 """
 
 from __future__ import annotations
@@ -84,6 +85,15 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.flatten(1))
 
+    def extend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        """m new tokens per sequence, x [B, m, D], attending to the cache and causally to each other."""
+        q, k, v = self.project(x, cos, sin)
+        keys, values, mask = cache.append_many(layer, k, v)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm decoder block."""
@@ -116,6 +126,10 @@ class DecoderLayer(nn.Module):
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
         x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def extend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int) -> torch.Tensor:
+        x = x + self.self_attn.extend(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -193,6 +207,18 @@ class DecoderLM(nn.Module):
         Returns the final-normed hidden states [T, D]. Each row's next position is its prompt's largest
         position + 1, as in Qwen2-VL (an image spans fewer positions than it has tokens).
         """
+        return self.prefill_capture(embeds, position_ids, cu_seqlens, max_seqlen, cache)[0]
+
+    def prefill_capture(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | None,
+        cache: KVCache,
+        capture: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`prefill`, also returning the output of each decoder layer in `capture` (as `forward_capture`)."""
         if position_ids.shape[-1] != embeds.shape[0]:
             raise ValueError(f"position_ids {tuple(position_ids.shape)} do not match {embeds.shape[0]} tokens")
         bounds = cu_seqlens.tolist()
@@ -202,10 +228,12 @@ class DecoderLM(nn.Module):
         next_position = torch.stack([rows[a:b].max() + 1 for a, b in zip(bounds[:-1], bounds[1:])])
         cache.start(bounds, next_position)
         cos, sin = self.rotary(position_ids, embeds.device)
-        x = embeds
+        x, captured = embeds, {}
         for i, layer in enumerate(self.layers):
             x = layer.prefill(x, cos, sin, cu_seqlens, max_seqlen, cache, i)
-        return self.norm(x)
+            if i in capture:
+                captured[i] = x
+        return self.norm(x), [captured[i] for i in capture]
 
     def decode_step(self, embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Embeddings [B, D] of one new token per cached sequence -> final-normed hidden states [B, D]."""
@@ -217,6 +245,26 @@ class DecoderLM(nn.Module):
             x = layer.decode(x, cos, sin, cache, i)
         cache.advance()
         return self.norm(x)
+
+    def extend(
+        self, embeds: torch.Tensor, cache: KVCache, capture: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Embeddings [B, m, D] of m new tokens per cached sequence (at its next m positions, each attending to
+        the cache and causally to the others) -> final-normed hidden states [B, m, D] and the outputs of the
+        layers in `capture`. What speculative decoding verifies a drafted chain with, in one forward."""
+        if embeds.dim() != 3 or embeds.shape[0] != cache.batch_size:
+            raise ValueError(f"extend takes [{cache.batch_size}, m, D] embeddings, got {tuple(embeds.shape)}")
+        batch, m = embeds.shape[0], embeds.shape[1]
+        positions = cache.next_position.to(embeds.device).unsqueeze(1) + torch.arange(m, device=embeds.device)
+        cos, sin = self.rotary(positions.flatten(), embeds.device)
+        cos, sin = cos.view(batch, m, -1), sin.view(batch, m, -1)
+        x, captured = embeds, {}
+        for i, layer in enumerate(self.layers):
+            x = layer.extend(x, cos, sin, cache, i)
+            if i in capture:
+                captured[i] = x
+        cache.advance(m)
+        return self.norm(x), [captured[i] for i in capture]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, D] -> logits [T, V]."""
@@ -232,8 +280,9 @@ class DecoderLM(nn.Module):
 class KVCache:
     """Keys and values of every layer for a batch of sequences: [B, Hkv, capacity, head_dim] and a length per row.
 
-    Filled by `DecoderLM.prefill`, grown one token per row by `DecoderLM.decode_step`; `select` keeps only
-    some rows (sequences that have not finished).
+    Filled by `DecoderLM.prefill`, grown one token per row by `DecoderLM.decode_step` (or several by
+    `DecoderLM.extend`); `select` keeps only some rows (sequences that have not finished), `truncate` drops
+    generated tokens (rejected guesses of speculative decoding).
     """
 
     def __init__(self, num_layers: int, capacity: int) -> None:
@@ -244,6 +293,7 @@ class KVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = torch.zeros(0, dtype=torch.long)  # tokens held per row
         self.next_position = torch.zeros(0, dtype=torch.long)  # rotary position of each row's next token
+        self.prompt_lengths = torch.zeros(0, dtype=torch.long)  # tokens of each row's prompt (never truncated)
         self._bounds: list[int] = [0]  # the prompts' cu_seqlens, while prefilling
 
     @property
@@ -256,6 +306,7 @@ class KVCache:
         if int(lengths.max()) > self.capacity:
             raise ValueError(f"a prompt of {int(lengths.max())} tokens does not fit a KV cache of {self.capacity}")
         self.lengths = lengths.to(next_position.device)
+        self.prompt_lengths = self.lengths.clone()
         self.next_position = next_position.long()
         self._bounds = bounds
 
@@ -284,16 +335,48 @@ class KVCache:
         mask = torch.arange(self.capacity, device=keys.device) <= slots.unsqueeze(1)
         return keys, values, mask[:, None, None, :]
 
-    def advance(self) -> None:
-        """Every row now holds one more token (called once per decode step, after all layers)."""
-        self.lengths = self.lengths + 1
-        self.next_position = self.next_position + 1
+    def append_many(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write m tokens per row (k/v [B, m, Hkv, hd]) after each row's last; returns keys, values and the
+        attention mask [B, 1, m, capacity]: new token i sees the row's filled slots and new tokens 0..i."""
+        m = k.shape[1]
+        if int(self.lengths.max()) + m > self.capacity:
+            raise ValueError(f"KV cache full: {m} more tokens do not fit its capacity of {self.capacity} tokens")
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None:
+            raise RuntimeError("KV cache is empty: run DecoderLM.prefill before extend")
+        rows = torch.arange(self.batch_size, device=keys.device).unsqueeze(1)
+        slots = self.lengths.to(keys.device).unsqueeze(1) + torch.arange(m, device=keys.device)  # [B, m]
+        keys[rows, :, slots] = k.to(keys.dtype)
+        values[rows, :, slots] = v.to(values.dtype)
+        mask = torch.arange(self.capacity, device=keys.device) <= slots.unsqueeze(-1)  # [B, m, capacity]
+        return keys, values, mask.unsqueeze(1)
+
+    def advance(self, tokens: int = 1) -> None:
+        """Every row now holds `tokens` more (called once per decode step or extend, after all layers)."""
+        self.lengths = self.lengths + tokens
+        self.next_position = self.next_position + tokens
+
+    def truncate(self, lengths: int | torch.Tensor) -> None:
+        """Keep the first `lengths` tokens of each row (one number for all rows, or one per row), dropping
+        generated ones: their slots are masked from then on and overwritten by the next tokens."""
+        new = torch.as_tensor(lengths, dtype=torch.long, device=self.lengths.device).expand_as(self.lengths)
+        if bool((new > self.lengths).any()) or bool((new < self.prompt_lengths).any()):
+            raise ValueError(
+                f"KV cache truncate to {new.tolist()} tokens: each row must keep its prompt "
+                f"({self.prompt_lengths.tolist()}) and cannot grow (it holds {self.lengths.tolist()})"
+            )
+        # Generated tokens take one position each, so dropping n of them moves the next position back by n.
+        self.next_position = self.next_position - (self.lengths - new).to(self.next_position.device)
+        self.lengths = new.clone()
 
     def select(self, rows: torch.Tensor | list[int]) -> None:
         """Keep only `rows` (indices into the current batch), in that order."""
         index = torch.as_tensor(rows, dtype=torch.long)
         self.lengths = self.lengths[index.to(self.lengths.device)]
         self.next_position = self.next_position[index.to(self.next_position.device)]
+        self.prompt_lengths = self.prompt_lengths[index.to(self.prompt_lengths.device)]
         for store in (self.keys, self.values):
             for i, tensor in enumerate(store):
                 if tensor is not None:

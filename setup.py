@@ -36,6 +36,9 @@ setup(
             "vlm-merge-checkpoints=vlm_train.cli:vlm_merge_checkpoints",
             "vlm-make-shards=vlm_train.cli:vlm_make_shards",
             "vlm-inspect-shards=vlm_train.cli:vlm_inspect_shards",
+            "vlm-speculate=vlm_train.cli:vlm_speculate",
+            "vlm-export-eagle3=vlm_train.cli:vlm_export_eagle3",
+            "vlm-dump-hidden-states=vlm_train.cli:vlm_dump_hidden_states",
         ]
     },
 )

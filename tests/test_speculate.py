@@ -3,6 +3,7 @@ training-time test, the sampling rule, greedy outputs equal to plain greedy deco
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -454,6 +455,16 @@ def test_speculate_tool_prints_the_measurements(model, tmp_path, capsys):
     assert len(printed["accept_rate_per_position"]) == 3 and 1 <= printed["acceptance_length"] <= 4
     assert set(printed["tokens_per_s"]) == {"speculative", "target_only"} and printed["speedup"] > 0
     assert 0 < printed["new_tokens"] <= 12 and printed["device"] == "cpu"
+
+    # An offline draft run saves the target's shape only: --target names the real one.
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for weight in other.llm.parameters():
+            weight.add_(torch.randn_like(weight))
+    _save_run_with_draft(tmp_path / "offline", other, shard)
+    elsewhere = main([str(tmp_path / "offline"), "--target", str(tmp_path / "run"), *args])
+    capsys.readouterr()
+    assert elsewhere["acceptance_length"] == result["acceptance_length"] and elsewhere["identical_to_greedy"]
 
     sampled = main([str(tmp_path / "run"), *args[:-1], "--temperature", "1", "--seed", "3"])
     summary, _, rest = capsys.readouterr().out.partition("\n")  # without --json: a line for people, then the JSON

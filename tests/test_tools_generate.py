@@ -186,7 +186,9 @@ def test_console_scripts_are_installed_and_vlm_generate_answers(model, tmp_path)
 
     scripts = {e.name: e for e in entry_points(group="console_scripts") if e.value.startswith("vlm_train.")}
     expected = {"vlm-train", "vlm-generate", "vlm-evaluate", "vlm-convert-hf", "vlm-merge-checkpoints"}
-    assert expected | {"vlm-make-shards", "vlm-inspect-shards"} <= set(scripts)
+    expected |= {"vlm-make-shards", "vlm-inspect-shards", "vlm-dump-hidden-states"}
+    expected |= {"vlm-speculate", "vlm-export-eagle3"}
+    assert expected <= set(scripts)
     assert all(callable(e.load()) for e in scripts.values())
     save_run(tmp_path / "run", model)
     image = image_file(tmp_path, "a.png", 84, 56, seed=3)

@@ -39,3 +39,18 @@ def vlm_make_shards() -> None:
 def vlm_inspect_shards() -> None:
     """vlm-inspect-shards"""
     _run("inspect_shards")
+
+
+def vlm_speculate() -> None:
+    """vlm-speculate"""
+    _run("speculate")
+
+
+def vlm_export_eagle3() -> None:
+    """vlm-export-eagle3"""
+    _run("export_eagle3")
+
+
+def vlm_dump_hidden_states() -> None:
+    """vlm-dump-hidden-states"""
+    _run("dump_hidden_states")

@@ -116,6 +116,12 @@ def summary_line(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="run folder or checkpoints/step_XXXXXXXX folder with draft.safetensors")
+    parser.add_argument(
+        "--target",
+        default=None,
+        help="the draft's target, a run or checkpoint folder (default: the VLM saved with the draft; an offline "
+        "draft run, eagle3.offline, saved only the target's shape: give its target here)",
+    )
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per round (K)")
     parser.add_argument("--heldout", action="append", default=[], help="NAME=URLS held-out shards (repeatable)")
     parser.add_argument("--num-prompts", type=int, default=100, help="held-out caption prompts decoded")
@@ -135,10 +141,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     started = time.perf_counter()
     device = pick_device(args.device)
-    loaded = load(args.checkpoint, device, args.dtype, args.attn_backend)
-    if loaded.kind != "vlm_train":
+    loaded = load(args.target or args.checkpoint, device, args.dtype, args.attn_backend)
+    if loaded.kind != "vlm_train" and not args.target:
         raise ValueError(f"{args.checkpoint} is a Hugging Face folder: give one of our runs with a draft stage")
-    draft = load_draft(loaded.path, loaded.model)
+    draft = load_draft(args.checkpoint, loaded.model)
     sets = parse_sets(args.heldout, args.allow_pipe) if args.heldout else configured_sets(loaded.data, loaded.path)
     max_decode = args.max_decode_pixels or (
         loaded.data.image.max_decode_pixels if loaded.data else DataConfig().image.max_decode_pixels

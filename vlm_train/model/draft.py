@@ -204,7 +204,9 @@ class Eagle3Draft(nn.Module):
         super().__init__()
         layers = list(shape.target_layers) or default_layers(target.num_layers)
         if len(layers) != 3 or any(not 0 <= i < target.num_layers for i in layers):
-            raise ValueError(f"eagle3.draft.target_layers {layers} must be 3 layers of the target's {target.num_layers}")
+            raise ValueError(
+                f"eagle3.draft.target_layers {layers} must be 3 layers of the target's {target.num_layers}"
+            )
         self.target_layers = tuple(layers)
         self.cfg = draft_llm_config(target, shape)
         self.cfg.validate()

@@ -325,3 +325,18 @@ def test_targets_and_settings_the_draft_cannot_use_are_clear_errors(target_run, 
         run(make_config(*preset, "eagle3.ttt_steps=0"))
     with pytest.raises(FileNotFoundError, match="eagle3.target=.*does not exist"):
         run(make_config(*preset[: -len(DRAFT) - 1], f"eagle3.target={tmp_path / 'nowhere'}"))
+
+
+def test_a_hugging_face_qwen2_5_vl_target_trains_the_same_draft_as_the_run_it_was_exported_from(target_run, tmp_path):
+    from vlm_train.cli.convert_hf import main as convert
+
+    convert(["to-hf", str(target_run), str(tmp_path / "hf")])
+    enc = encoder()
+    ours = load_target(str(target_run), tiny_tokenizer(), enc.special.image_pad)
+    theirs = load_target(str(tmp_path / "hf"), tiny_tokenizer(), enc.special.image_pad)
+    for name, weight in ours.state_dict().items():
+        torch.testing.assert_close(theirs.state_dict()[name], weight, msg=name)
+    _preset(target_run, tmp_path / "from_run", "curriculum.stages.0.steps=2")
+    _preset(tmp_path / "hf", tmp_path / "from_hf", "curriculum.stages.0.steps=2")
+    expected = {r["step"]: r["loss"] for r in _rows(tmp_path / "from_run")}
+    assert {r["step"]: r["loss"] for r in _rows(tmp_path / "from_hf")} == pytest.approx(expected, rel=1e-5)

@@ -148,7 +148,10 @@ class Trainer:
             cfg.model = dataclasses.replace(model.cfg)  # the checkpoints' config describes the target
         else:
             model = build_model(cfg.model, self.setup, load_hf=load, vision_pretrain=self.heads)
-        return add_draft(model, eagle3) if eagle3 is not None else model
+        if eagle3 is None:
+            return model
+        torch.manual_seed(cfg.run.seed)  # the draft starts the same whichever way its target was loaded
+        return add_draft(model, eagle3)
 
     def _start_draft(self, stage: StageConfig) -> None:
         """A draft stage's first step: copy the target's embedding into the draft (frozen) and choose the draft

@@ -194,11 +194,22 @@ def test_ctrl_c_twice_kills_the_worker(fake_python, tmp_path):
     assert not (tmp_path / "saved").exists() and "second interrupt" in log.read_text()
 
 
+def _waiting_in_sleep(pid: int) -> bool:
+    for child in descendants(pid):
+        try:
+            if Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")[0].endswith(b"sleep"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def test_a_stop_before_any_worker_started_ends_torchrun(fake_python, tmp_path):
     log = tmp_path / "launcher.log"
     launcher = start([str(LAUNCH / "multinode.sh")], log, **fake_python, FAKE_RENDEZVOUS=1, NPROC_PER_NODE=1)
-    wait_for(lambda: (tmp_path / "torchrun_args").exists(), [launcher], [log], "the fake torchrun", timeout=60)
-    time.sleep(0.2)
+    # The fake torchrun waits in `sleep` (a rendezvous that never completes); under load it may still be the
+    # shell that execs it, so wait for the sleep itself rather than a fixed time.
+    wait_for(lambda: _waiting_in_sleep(launcher.pid), [launcher], [log], "the fake torchrun's rendezvous", timeout=60)
     torchrun = descendants(launcher.pid)
     os.kill(launcher.pid, signal.SIGTERM)
     assert finish([launcher], [log]) == [128 + signal.SIGHUP], log.read_text()  # torchrun's status, passed on

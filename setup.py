@@ -22,6 +22,7 @@ setup(
         "safetensors>=0.4",
         "pillow>=10",
         "numpy>=1.24",
+        "av>=14",  # PyAV: video decoding (its wheels bundle FFmpeg with H.264, VP9 and AV1 decoders)
     ],
     extras_require={
         "dev": ["pytest>=7", "matplotlib>=3.7", "ruff==0.17.6"],

@@ -9,6 +9,7 @@ from omegaconf import MISSING
 from vlm_train.data.image import ImageSampling
 from vlm_train.data.packer import PackConfig
 from vlm_train.data.synthetic import SyntheticConfig
+from vlm_train.data.video import VideoConfig
 
 
 @dataclass
@@ -63,6 +64,7 @@ class DataConfig:
     tokenizer: str = "tiny"  # 'tiny' (built in) or a local Hugging Face tokenizer folder
     system_prompt: str = ""  # a system turn before every conversation (Qwen2-VL's template uses one)
     image: ImageConfig = field(default_factory=ImageConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)  # frame sampling and pixel budgets of video samples
     pack: PackConfig = field(default_factory=PackConfig)
     num_workers: int = 0  # loader worker processes per rank (0: load in the training process)
     shuffle_buffer: int = 256  # samples per source and worker held for shuffling

@@ -158,6 +158,7 @@ def load(
         patch_size=vision.patch_size,
         temporal_patch_size=vision.temporal_patch_size,
         merge_size=vision.spatial_merge_size,
+        tokens_per_second=vision.tokens_per_second,
         min_pixels=min_pixels or low,
         max_pixels=max_pixels or high,
     )

@@ -27,8 +27,10 @@ class PackedBatch:
     cu_seqlens: torch.Tensor  # int32 [S+1]
     max_seqlen: int
     sample_index: torch.Tensor  # int64 [T]: which sample of the pack each token belongs to
-    pixel_values: torch.Tensor  # uint8 [P, C*p*p] (or normalised float [P, C*t*p*p]): all patches, merge order
-    image_grid_thw: torch.Tensor  # int64 [N, 3]: frames, patch rows, patch columns
+    # uint8 [P, C*p*p] (or normalised float [P, C*t*p*p]): all patches, merge order; uint8 [P, C*t*p*p] (all t
+    # frames, images' frame repeated) in a pack with a video (data.video_patches)
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor  # int64 [N, 3]: temporal patches, patch rows, patch columns (images and videos)
     vit_cu_seqlens: torch.Tensor  # int32 [N+1]
     vit_max_seqlen: int
     meta: list[dict[str, Any]] = field(default_factory=list)  # per sample: key, source, task, ...

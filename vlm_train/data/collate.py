@@ -9,6 +9,7 @@ import torch
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.encode import EncodedSample
 from vlm_train.data.truncate import patches_per_image
+from vlm_train.data.video_patches import expand_frames
 
 
 def _cu_seqlens(lengths: list[int]) -> torch.Tensor:
@@ -68,8 +69,17 @@ def _target_states(samples: list[EncodedSample]) -> tuple[torch.Tensor | None, t
 
 
 def _pixel_values(samples: list[EncodedSample]) -> torch.Tensor:
-    """The samples' patches one after another, in their own dtype and width (uint8 [P, C*p*p] from the encoder)."""
+    """The samples' patches one after another, in their own dtype and width (uint8 [P, C*p*p] from the encoder).
+
+    A pack with a video (rows of all t frames, C*t*p*p) widens the one-frame rows of its images to t frames, the
+    repeat the model's patch embedding would do; packs without videos keep the t-times smaller one-frame rows.
+    """
     arrays = [s.pixel_values for s in samples if s.pixel_values.shape[0]] or [samples[0].pixel_values]
+    widths = sorted({a.shape[1] for a in arrays})
+    uint8 = all(a.dtype == np.uint8 for a in arrays)
+    if uint8 and len(widths) == 2 and widths[1] % widths[0] == 0:
+        frames = widths[1] // widths[0]
+        arrays = [a if a.shape[1] == widths[1] else expand_frames(a, frames) for a in arrays]
     layouts = {(str(a.dtype), a.shape[1]) for a in arrays}
     if len(layouts) > 1:  # np.concatenate would silently upcast uint8 pixels to float
         raise ValueError(f"cannot collate samples whose pixel_values differ in dtype or width: {sorted(layouts)}")

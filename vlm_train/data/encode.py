@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from vlm_train.data.batch import IGNORE_INDEX
 from vlm_train.data.decode import SkipSample
-from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
+from vlm_train.data.formats import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Sample, Turn
 from vlm_train.data.image import (
     ImageSampling,
     PatchSpec,
@@ -21,6 +22,13 @@ from vlm_train.data.image import (
     window_positions,
 )
 from vlm_train.data.tokenizer import special_ids
+from vlm_train.data.video_patches import expand_frames, temporal_positions, video_to_patches
+
+if TYPE_CHECKING:
+    from vlm_train.data.video import Video
+
+# A user turn's text splits into text chunks and the placeholders between them (kept by the capture group).
+_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 
 @dataclass
@@ -30,8 +38,10 @@ class EncodedSample:
     input_ids: np.ndarray  # int64 [L]
     labels: np.ndarray  # int64 [L]
     position_ids: np.ndarray  # int64 [3, L]
-    pixel_values: np.ndarray  # uint8 [P, 3*p*p]: raw pixels of one frame per patch (see batch.PackedBatch)
-    image_grid_thw: np.ndarray  # int64 [N, 3]
+    # uint8 [P, 3*p*p]: raw pixels of one frame per patch (see batch.PackedBatch); [P, 3*t*p*p] (all t frames,
+    # images' frame repeated) when the sample has a video
+    pixel_values: np.ndarray
+    image_grid_thw: np.ndarray  # int64 [N, 3]: images and videos in placeholder order
     meta: dict[str, Any] = field(default_factory=dict)
     patch_positions: np.ndarray | None = None  # int64 [P, 2] (row, column) of each patch; set when tokens drop
     # A target's stored hidden states per token (format hidden_states, offline draft training); torch tensors,
@@ -68,10 +78,29 @@ class _Builder:
         self, image_pad_id: int, grid_thw: tuple[int, int, int], merge_size: int, keep: np.ndarray | None
     ) -> None:
         # Qwen2-VL rope index: an image's tokens take (t, row, column) positions offset by the text before it.
+        self._vision(image_pad_id, np.arange(grid_thw[0]), grid_thw, merge_size, keep)
+
+    def video(
+        self,
+        pad_id: int,
+        grid_thw: tuple[int, int, int],
+        merge_size: int,
+        second_per_grid_t: float,
+        tokens_per_second: float,
+    ) -> None:
+        # Qwen2.5-VL: temporal patch k sits at int(k * second_per_grid_t * tokens_per_second), rows and columns as
+        # for images; the text after continues from the largest position + 1, as Qwen2.5-VL was trained (and
+        # transformers < 5.3 and vLLM compute; transformers >= 5.3 restarts it after the spatial extent only).
+        times = temporal_positions(grid_thw[0], second_per_grid_t, tokens_per_second)
+        self._vision(pad_id, times, grid_thw, merge_size, None)
+
+    def _vision(
+        self, pad_id: int, times: np.ndarray, grid_thw: tuple, merge_size: int, keep: np.ndarray | None
+    ) -> None:
         t, h, w = grid_thw[0], grid_thw[1] // merge_size, grid_thw[2] // merge_size
         grid = np.stack(
             [
-                np.repeat(np.arange(t), h * w),
+                np.repeat(times, h * w),
                 np.tile(np.repeat(np.arange(h), w), t),
                 np.tile(np.arange(w), t * h),
             ]
@@ -80,7 +109,7 @@ class _Builder:
         if keep is not None:
             grid = grid[:, keep]  # dropped merge windows have no token; the kept ones keep their place
         n = grid.shape[1]
-        self.ids.append(np.full(n, image_pad_id, dtype=np.int64))
+        self.ids.append(np.full(n, pad_id, dtype=np.int64))
         self.supervised.append(np.zeros(n, dtype=bool))
         self.positions.append(grid + self.next_position)
         self.next_position += span
@@ -105,7 +134,8 @@ def _concat_positions(positions: list[np.ndarray]) -> np.ndarray:
 
 
 class Encoder:
-    """Qwen2-VL chat template: <|im_start|>role\\n ... <|im_end|>\\n, images as vision_start, pads, vision_end.
+    """Qwen2-VL chat template: <|im_start|>role\\n ... <|im_end|>\\n, images and videos as vision_start, pads,
+    vision_end (videos with Qwen2.5-VL's time positions).
 
     Loss falls on assistant turns (with their <|im_end|>) and on plain-text documents (with <|endoftext|>).
     """
@@ -142,11 +172,21 @@ class Encoder:
         keep = kept_windows(windows, rate, rng) if rate > 0 else np.arange(windows)
         return pixel_values, grid, keep
 
+    def _video(self, video: Video) -> tuple[np.ndarray, tuple, float]:
+        """Patches (all t frames per row), grid and seconds per temporal patch of one video's sampled frames."""
+        if not video.sample_fps > 0:
+            raise SkipSample("bad_video", f"sample_fps must be > 0, got {video.sample_fps}")
+        try:
+            pixel_values, grid = video_to_patches(video, self.spec)
+        except ValueError as exc:  # frames not resized to the merge multiple, or not uint8 [T, H, W, 3]
+            raise SkipSample("bad_video_size", str(exc)) from exc
+        return pixel_values, grid, video.second_per_grid_t(self.spec.temporal_patch_size)
+
     def encode(
         self, sample: Sample, for_generation: bool = False, rng: np.random.Generator | None = None
     ) -> EncodedSample:
         """Encode a sample; with `for_generation` the last assistant turn is left for the model to write.
-        `rng` draws the per-image resolution scale and token drop (none without it)."""
+        `rng` draws the per-image resolution scale and token drop (none without it); videos come already resized."""
         turns = sample.turns[:-1] if for_generation else sample.turns
         if self.system_prompt and turns and turns[0].role not in ("system", "text"):
             turns = [Turn("system", self.system_prompt), *turns]
@@ -155,21 +195,30 @@ class Encoder:
         placeholders = sum(turn.text.count(IMAGE_PLACEHOLDER) for turn in sample.turns)
         if placeholders != len(sample.images):
             raise SkipSample("image_count_mismatch", f"{placeholders} placeholders, {len(sample.images)} images")
+        video_placeholders = sum(turn.text.count(VIDEO_PLACEHOLDER) for turn in sample.turns)
+        if video_placeholders != len(sample.videos):
+            raise SkipSample(
+                "video_count_mismatch",
+                f"{video_placeholders} {VIDEO_PLACEHOLDER} placeholders, {len(sample.videos)} videos",
+            )
+        if sample.videos and self.sampling.drops:
+            raise SkipSample("video_token_drop", "token dropping handles still images only, not videos")
 
-        patches, grids, keeps, patch_positions = [], [], [], []
         merge = self.spec.merge_size
+        images = []  # (patches, grid, keep, patch positions) per image, drawn in image order
         for image in sample.images:
             pixel_values, grid, keep = self._image(image, rng)
+            positions = None
             if keep is not None:
                 rows = (keep[:, None] * merge**2 + np.arange(merge**2)).reshape(-1)
                 pixel_values = pixel_values[rows]
-                patch_positions.append(window_positions(grid, merge)[rows])
-            patches.append(pixel_values)
-            grids.append(grid)
-            keeps.append(keep)
+                positions = window_positions(grid, merge)[rows]
+            images.append((pixel_values, grid, keep, positions))
+        videos = [self._video(video) for video in sample.videos]
 
         builder = _Builder()
-        images = iter(zip(grids, keeps))
+        image_items, video_items = iter(images), iter(videos)
+        patches, grids, patch_positions = [], [], []  # images and videos in placeholder order
         for turn in turns:
             if turn.role == "text":
                 builder.text(self._tokens(turn.text) + [self.special.pad], supervised=True)
@@ -180,18 +229,39 @@ class Encoder:
             if turn.role == "assistant":
                 builder.text(self._tokens(turn.text) + [self.special.im_end], supervised=True)
             else:
-                for index, chunk in enumerate(turn.text.split(IMAGE_PLACEHOLDER)):
-                    if index > 0:
+                for part in _PLACEHOLDERS.split(turn.text):
+                    if part == IMAGE_PLACEHOLDER:
+                        pixel_values, grid, keep, positions = next(image_items)
                         builder.text([self.special.vision_start])
-                        grid, keep = next(images)
                         builder.image(self.special.image_pad, grid, merge, keep)
                         builder.text([self.special.vision_end])
-                    if chunk:
-                        builder.text(self._tokens(chunk))
+                        patches.append(pixel_values)
+                        grids.append(grid)
+                        patch_positions.append(positions)
+                    elif part == VIDEO_PLACEHOLDER:
+                        # Video tokens are image pads too: the model fills every pad with the next vision
+                        # embedding in grid order, and the positions (the only place time enters) are set here.
+                        pixel_values, grid, second_per_grid_t = next(video_items)
+                        builder.text([self.special.vision_start])
+                        builder.video(
+                            self.special.image_pad, grid, merge, second_per_grid_t, self.spec.tokens_per_second
+                        )
+                        builder.text([self.special.vision_end])
+                        patches.append(pixel_values)
+                        grids.append(grid)
+                    elif part:
+                        builder.text(self._tokens(part))
                 builder.text([self.special.im_end])
             builder.text(self._newline)
+        if next(image_items, None) is not None or next(video_items, None) is not None:
+            raise SkipSample("bad_conversation", "an image or video placeholder outside a user or system turn")
         if for_generation:
             builder.text([self.special.im_start] + self._role_header["assistant"])
+        if videos:  # one row width per sample: images' one-frame rows repeated over t, as the model would
+            patches = [
+                p if p.shape[1] == self.spec.patch_dim else expand_frames(p, self.spec.temporal_patch_size)
+                for p in patches
+            ]
         ids, labels, positions = builder.finish()
 
         meta = {**sample.meta, "key": sample.key, "source": sample.source, "task": sample.task}
@@ -202,5 +272,7 @@ class Encoder:
             pixel_values=_concat_patches(patches, self.spec.pixel_dim),
             image_grid_thw=np.asarray(grids, dtype=np.int64).reshape(-1, 3),
             meta=meta,
-            patch_positions=_concat_positions(patch_positions) if self.sampling.drops else None,
+            patch_positions=_concat_positions([p for p in patch_positions if p is not None])
+            if self.sampling.drops
+            else None,
         )

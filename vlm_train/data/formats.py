@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -30,7 +30,11 @@ from vlm_train.data.grounding import (
     to_relative_point,
 )
 
+if TYPE_CHECKING:  # video decoding (PyAV) stays out of the import of every format
+    from vlm_train.data.video import Video
+
 IMAGE_PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"  # one per video in user turns, in video order (Sample.videos)
 TASKS = ("caption", "conversation", "grounding", "text")  # Sample.task of the training formats
 CAPTION_PROMPT = "Describe the image."
 GROUNDING_PROMPT = "Where is the {phrase}?"
@@ -65,6 +69,7 @@ class Sample:
     images: list[Image.Image]
     turns: list[Turn]
     meta: dict[str, Any] = field(default_factory=dict)
+    videos: list[Video] = field(default_factory=list)  # one per VIDEO_PLACEHOLDER, in order
 
 
 def image_members(raw: dict[str, Any]) -> list[bytes]:

@@ -38,6 +38,7 @@ class PatchSpec:
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
     resize: str = "pil"  # one of RESIZE_METHODS
+    tokens_per_second: int = 2  # Qwen2.5-VL's M-RoPE time steps per second of video (vision_config.tokens_per_second)
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_METHODS:

@@ -28,6 +28,8 @@ class VisionConfig:
     # window_size x window_size pixels (112 in Qwen2.5-VL); 0 turns windows off, every block attends per image.
     window_size: int = 0
     fullatt_block_indexes: list[int] = field(default_factory=list)
+    # Qwen2.5-VL: M-RoPE time steps per second of video; the data side's temporal positions use it (PatchSpec).
+    tokens_per_second: int = 2
 
     @property
     def head_dim(self) -> int:

@@ -104,7 +104,8 @@ def load_vlm_from_hf(model: VLM, path: str | Path) -> None:
         ]
     )
     problems += differences(model.cfg.llm, theirs.llm, LLM_SEMANTIC_FIELDS + ("mrope_section",), "llm")
-    problems += differences(model.cfg.vision, theirs.vision, VISION_SEMANTIC_FIELDS, "vision")
+    # tokens_per_second shapes the data's video positions, so a whole-model load must agree on it too.
+    problems += differences(model.cfg.vision, theirs.vision, VISION_SEMANTIC_FIELDS + ("tokens_per_second",), "vision")
     _raise_if_different(path, problems)
     load_hf_weights(model, SafetensorsFolder(path), vlm_to_hf_name)
 
@@ -193,7 +194,12 @@ def _special_tokens(tokenizer: Any) -> dict[str, int | None]:
     from ..data.tokenizer import special_ids
 
     ids = special_ids(tokenizer)
+    # Our data marks video tokens with the image pad (see data/encode.py); HF's processor writes <|video_pad|>,
+    # so a tokenizer that has one (Qwen's do) names it as the exported model's video token.
+    video_pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    has_video_pad = video_pad is not None and video_pad != tokenizer.unk_token_id
     return {
+        "video_token_id": video_pad if has_video_pad else None,
         "vision_start_token_id": ids.vision_start,
         "vision_end_token_id": ids.vision_end,
         "eos_token_id": ids.im_end,

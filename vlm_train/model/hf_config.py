@@ -122,6 +122,7 @@ def vision_config_from_hf(cfg: Any) -> VisionConfig:
         initializer_range=float(getattr(cfg, "initializer_range", 0.02)),
         window_size=0 if every_block_full else int(cfg.window_size),
         fullatt_block_indexes=[] if every_block_full else full,
+        tokens_per_second=int(getattr(cfg, "tokens_per_second", 2)),
     )
 
 
@@ -223,7 +224,7 @@ def hf_config_dict(cfg: ModelConfig, image_token_id: int, tokens: dict[str, int 
             # Windows off is expressed as every block attending in full.
             "window_size": vision.window_size if windowed else 112,
             "fullatt_block_indexes": list(vision.fullatt_block_indexes) if windowed else list(range(vision.depth)),
-            "tokens_per_second": 2,
+            "tokens_per_second": vision.tokens_per_second,
             "rope_parameters": {"rope_type": "axial", "rope_theta": vision.rope_theta},
             "initializer_range": vision.initializer_range,
         },

@@ -42,6 +42,7 @@ def patch_spec(model: ModelConfig, data: DataConfig) -> PatchSpec:
         patch_size=vision.patch_size,
         temporal_patch_size=vision.temporal_patch_size,
         merge_size=vision.spatial_merge_size,
+        tokens_per_second=vision.tokens_per_second,
         min_pixels=data.image.min_pixels,
         max_pixels=data.image.max_pixels,
         resize=data.image.resize,

@@ -353,3 +353,23 @@ def test_video_placeholders_must_match_the_videos():
     turns = [Turn("user", VIDEO_PLACEHOLDER * 2 + "What happens?"), Turn("assistant", "it spins")]
     with pytest.raises(SkipSample, match="video"):
         _encoder().encode(Sample("k", "test", "conversation", [], turns, videos=[_video(2, 56, 56, 2.0)]))
+
+
+def test_a_video_counts_all_its_patches_and_is_cut_whole():
+    from vlm_train.data.pack_planner import Budget
+    from vlm_train.data.truncate import truncate
+
+    encoder = _encoder()
+    turns = [
+        Turn("user", IMAGE_PLACEHOLDER + "What is it?"),
+        Turn("assistant", "a square"),
+        Turn("user", VIDEO_PLACEHOLDER + "And now?"),
+        Turn("assistant", "it spins"),
+    ]
+    video = _video(6, 112, 56, 3.0)
+    # An image (24 patches) answered first, then a video (3 x 8 x 4 = 96 patches).
+    encoded = encoder.encode(Sample("two", "test", "conversation", [noise_image(84, 56)], turns, videos=[video]))
+    assert encoded.num_patches == 24 + 96 and encoded.image_grid_thw.tolist() == [[1, 4, 6], [3, 8, 4]]
+    cut = truncate(encoded, Budget(tokens=10_000, patches=100), encoder.special)
+    assert cut.image_grid_thw.tolist() == [[1, 4, 6]] and cut.num_patches == 24  # the video went, whole
+    assert cut.pixel_values.shape[1] == SPEC.patch_dim  # its image stays widened; collate keeps widths uniform

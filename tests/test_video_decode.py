@@ -87,6 +87,53 @@ def test_constant_rate_h264_samples_qwen_vl_utils_frames(monkeypatch, gop):
     assert video.second_per_grid_t(2) == pytest.approx(1.0)
 
 
+class CountingContainer:
+    """Wraps a PyAV input container to count the frames it decodes and the seeks asked of it."""
+
+    def __init__(self, container, log):
+        self.container, self.log = container, log
+
+    def __getattr__(self, name):
+        return getattr(self.container, name)
+
+    def __enter__(self):
+        self.container.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.container.__exit__(*exc)
+
+    def decode(self, *args, **kwargs):
+        for frame in self.container.decode(*args, **kwargs):
+            self.log["decoded"] += 1
+            yield frame
+
+    def seek(self, *args, **kwargs):
+        self.log["seeks"] += 1
+        return self.container.seek(*args, **kwargs)
+
+
+@pytest.mark.parametrize("gop", [None, 3])
+def test_only_needed_frames_are_decoded_and_only_sampled_ones_converted(monkeypatch, gop):
+    data = encode(40, gop=gop)
+    log = {"decoded": 0, "seeks": 0, "converted": 0}
+    real_open, real_resize = av.open, video_module.resize_frame
+    monkeypatch.setattr(av, "open", lambda *args, **kwargs: CountingContainer(real_open(*args, **kwargs), log))
+
+    def counting_resize(*args):
+        log["converted"] += 1
+        return real_resize(*args)
+
+    monkeypatch.setattr(video_module, "resize_frame", counting_resize)
+    assert frame_ids(decode_video(data, small(), FACTOR)) == [0, 6, 11, 17, 22, 28, 33, 39]
+    # A long GOP decodes forward to the last sampled frame; keyframes every 3 frames let it seek past the rest.
+    assert log["converted"] == 8
+    if gop is None:
+        assert log["decoded"] == 40 and log["seeks"] == 0
+    else:  # (14 decoded and 7 seeks with PyAV 18's FFmpeg)
+        assert log["decoded"] <= 20 and log["seeks"] >= 5
+
+
 def test_vp9_webm_decodes_and_samples(monkeypatch):
     data = encode(30, codec="libvpx-vp9", fmt="webm", rate=15)  # 2 s at 15 fps
     no_fallback(monkeypatch)
@@ -259,3 +306,7 @@ def test_video_settings_compose_as_hydra_overrides():
     assert cfg.data.video.fps == 1.0 and cfg.data.video.max_frames == 32 and cfg.data.video.min_frames == 4
     with pytest.raises(Exception, match="fsp"):
         compose_config("data.video.fsp=1")
+    with pytest.raises(ValueError, match="data.video.fps"):
+        compose_config("data.video.fps=0")
+    with pytest.raises(ValueError, match="min_frames <= max_frames"):
+        VideoConfig(min_frames=8, max_frames=4)

@@ -44,6 +44,14 @@ class VideoConfig:
     # 720p at 30 fps, which a worker decodes in tens of seconds (every frame up to the last sampled one is decoded).
     max_decode_pixels: int = 2**34
 
+    def __post_init__(self) -> None:
+        if not (self.fps > 0 and math.isfinite(self.fps)):
+            raise ValueError(f"data.video.fps must be a positive number, got {self.fps}")
+        if not 1 <= self.min_frames <= self.max_frames or self.max_frames < FRAME_FACTOR:
+            raise ValueError(f"data.video needs 1 <= min_frames <= max_frames, max_frames >= 2, got {self}")
+        if not 0 < self.min_pixels <= self.max_pixels or min(self.total_pixels, self.max_decode_pixels) <= 0:
+            raise ValueError(f"data.video needs 0 < min_pixels <= max_pixels and positive budgets, got {self}")
+
 
 @dataclass
 class Video:

@@ -243,6 +243,22 @@ def test_truncated_and_random_bytes_are_corrupt(clip_40):
             assert exc.reason in ("corrupt_video", "no_video_frames", "no_video_stream")
 
 
+@pytest.mark.parametrize("codec, fmt", [("libx264", "mp4"), ("libvpx-vp9", "webm"), ("libx264", "matroska")])
+def test_damaged_files_give_a_video_or_a_counted_skip(codec, fmt):
+    clean = encode(20, codec=codec, fmt=fmt)
+    rng = np.random.default_rng(1)
+    for trial in range(30):
+        data = bytearray(clean)
+        for _ in range(rng.integers(1, 20)):
+            data[rng.integers(0, len(data))] = rng.integers(0, 256)
+        if trial % 3 == 0:
+            data = data[: rng.integers(1, len(data))]
+        try:
+            assert len(decode_video(bytes(data), small(), FACTOR).frames) % 2 == 0
+        except SkipSample:
+            pass
+
+
 def test_audio_only_file_has_no_video_stream():
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="matroska") as out:

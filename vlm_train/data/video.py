@@ -177,6 +177,8 @@ class _Index:
 def _decode_video(data: bytes, cfg: VideoConfig, factor: int) -> Video:
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = _video_stream(container)
+        if stream.codec_context is None:  # a codec this FFmpeg build cannot decode (or a corrupt codec id)
+            raise SkipSample("unsupported_video_codec", f"no decoder for {stream!r}")
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
             raise SkipSample("corrupt_video", "no frame size in the header")

@@ -57,7 +57,8 @@ from vlm_train.data.tokenizer import build_tiny_tokenizer, special_ids
 from vlm_train.devices import pick_device
 from vlm_train.jsonio import dumps
 from vlm_train.model.config import LLMConfig
-from vlm_train.model.draft import DraftInputs, DraftShapeConfig, Eagle3Draft, draft_losses, rotary
+from vlm_train.model.draft import DraftInputs, DraftShapeConfig, Eagle3Draft, draft_losses
+from vlm_train.model.llm import rotary_cos_sin
 from vlm_train.model.vlm import VLM
 from vlm_train.train.config import compose_config
 from vlm_train.train.draft_objective import choose_vocabulary, step_masks, target_distribution, target_features
@@ -259,7 +260,7 @@ def padded_ttt(draft: Eagle3Draft, batch: PaddedDraftBatch, steps: int) -> list[
         source = index + 1 + j
         inside = source < batch.lengths.unsqueeze(1)  # [B, L]
         tokens = torch.where(inside, batch.input_ids[:, source.clamp(max=length - 1)], 0)
-        cos, sin = rotary(draft.cfg, (batch.position_ids + j).flatten(1), device)
+        cos, sin = rotary_cos_sin(draft.cfg, (batch.position_ids + j).flatten(1), device)
         cos, sin = cos.view(rows, length, -1), sin.view(rows, length, -1)
         q, k, v = draft.midlayer.qkv(draft.embed_tokens(tokens).to(hidden.dtype), hidden, cos, sin)
         keys.append(k)

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LLMConfig
+from .llm import Attention, rotary_cos_sin
 from .mlp import SwiGLU
 from .norm import RMSNorm
-from .rope import apply_rotary, inv_frequencies, llama3_inv_frequencies, mrope_cos_sin
 
 DRAFT_ATTR = "draft"  # the attribute of the VLM the draft is attached under while training
 
@@ -70,36 +70,6 @@ def draft_llm_config(target: LLMConfig, shape: DraftShapeConfig) -> LLMConfig:
     )
 
 
-def rotary(cfg: LLMConfig, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, head_dim] of the target's (M-)RoPE at position_ids [3, T] or [T]."""
-    inv_freq = inv_frequencies(cfg.resolved_head_dim, cfg.rope_theta, device)
-    if cfg.rope_type == "llama3":
-        inv_freq = llama3_inv_frequencies(inv_freq, cfg.rope_scaling)
-    return mrope_cos_sin(position_ids, inv_freq, cfg.mrope_section)
-
-
-class DraftAttention(nn.Module):
-    """Grouped-query attention whose q, k, v read [embedding, feature] (2 x hidden) and whose output is hidden wide."""
-
-    def __init__(self, cfg: LLMConfig) -> None:
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-        width = 2 * cfg.hidden_size
-        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
-
-    def project(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [..., 2D] -> rotated q [..., Hq, hd], rotated k [..., Hkv, hd], v [..., Hkv, hd]."""
-        q = self.q_proj(x).unflatten(-1, (self.num_heads, self.head_dim))
-        k = self.k_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
-
-
 def ttt_attention(
     q: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor], bounds: list[int]
 ) -> torch.Tensor:
@@ -135,7 +105,7 @@ class DraftLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = DraftAttention(cfg)
+        self.self_attn = Attention(cfg, "sdpa", input_size=2 * cfg.hidden_size)  # bias-free: draft_llm_config
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
@@ -282,7 +252,7 @@ class Eagle3Draft(nn.Module):
             source = index + 1 + j
             inside = source < ends
             tokens = torch.where(inside, input_ids[source.clamp(max=t - 1)], torch.zeros_like(input_ids))
-            cos, sin = rotary(self.cfg, position_ids + j, device)
+            cos, sin = rotary_cos_sin(self.cfg, position_ids + j, device)
             q, k, v = self.midlayer.qkv(self.embed_tokens(tokens).to(hidden.dtype), hidden, cos, sin)
             keys.append(k)
             values.append(v)

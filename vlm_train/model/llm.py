@@ -20,18 +20,30 @@ from .norm import RMSNorm
 from .rope import apply_rotary, inv_frequencies, llama3_inv_frequencies, mrope_cos_sin
 
 
-class Attention(nn.Module):
-    """Causal grouped-query attention confined to each sample of the pack."""
+def rotary_cos_sin(
+    cfg: LLMConfig, position_ids: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, head_dim] of `cfg`'s (M-)RoPE at position_ids [3, T] or [T]."""
+    inv_freq = inv_frequencies(cfg.resolved_head_dim, cfg.rope_theta, device)
+    if cfg.rope_type == "llama3":
+        inv_freq = llama3_inv_frequencies(inv_freq, cfg.rope_scaling)
+    return mrope_cos_sin(position_ids, inv_freq, cfg.mrope_section)
 
-    def __init__(self, cfg: LLMConfig, attn_backend: str) -> None:
+
+class Attention(nn.Module):
+    """Causal grouped-query attention confined to each sample of the pack. q, k and v read `input_size` features
+    (default the hidden size; an Eagle3 draft's read twice that)."""
+
+    def __init__(self, cfg: LLMConfig, attn_backend: str, input_size: int | None = None) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.resolved_head_dim
         self.attn_backend = attn_backend
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        width = input_size or cfg.hidden_size
+        self.q_proj = nn.Linear(width, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(width, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
         if cfg.qk_norm:  # Qwen3: per-head RMSNorm on q and k before the rotary
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -185,10 +197,7 @@ class DecoderLM(nn.Module):
 
     def rotary(self, position_ids: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [T, head_dim] of the (M-)RoPE at position_ids [3, T] or [T]."""
-        inv_freq = inv_frequencies(self.cfg.resolved_head_dim, self.cfg.rope_theta, device)
-        if self.cfg.rope_type == "llama3":
-            inv_freq = llama3_inv_frequencies(inv_freq, self.cfg.rope_scaling)
-        return mrope_cos_sin(position_ids, inv_freq, self.cfg.mrope_section)
+        return rotary_cos_sin(self.cfg, position_ids, device)
 
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache for sequences of up to `capacity` tokens (prompt and generated)."""

@@ -20,8 +20,9 @@ from typing import Protocol
 import torch
 
 from vlm_train.data.batch import PackedBatch
-from vlm_train.model.draft import DraftCache, Eagle3Draft, rotary
+from vlm_train.model.draft import DraftCache, Eagle3Draft
 from vlm_train.model.generate import SamplingConfig, next_tokens
+from vlm_train.model.llm import rotary_cos_sin
 from vlm_train.model.vlm import VLM
 
 
@@ -55,7 +56,7 @@ class Eagle3Proposer:
         """Add the newly verified indices to the cache; returns the draft's hidden state at the last one [1, D]."""
         self.cache.truncate(self.verified)
         hidden = self.draft.fuse(features)
-        cos, sin = rotary(self.draft.cfg, positions, hidden.device)
+        cos, sin = rotary_cos_sin(self.draft.cfg, positions, hidden.device)
         embeds = self.draft.embed_tokens(tokens).to(hidden.dtype)
         out = self.draft.midlayer.forward_cached(embeds, hidden, cos, sin, self.cache)
         self.verified = self.cache.length
@@ -63,7 +64,7 @@ class Eagle3Proposer:
 
     def step(self, token: torch.Tensor, hidden: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """One chain step: its own guess [1] and previous hidden state [1, D] at rotary position [3, 1]."""
-        cos, sin = rotary(self.draft.cfg, position, hidden.device)
+        cos, sin = rotary_cos_sin(self.draft.cfg, position, hidden.device)
         embeds = self.draft.embed_tokens(token).to(hidden.dtype)
         return self.draft.midlayer.forward_cached(embeds, hidden, cos, sin, self.cache)
 

@@ -6,6 +6,10 @@ Formats (a source names one, or `auto` detects it from the members):
   in placeholder order; `<box>[x1,y1,x2,y2]</box>` / `<point>[x,y]</point>` in the text become 000-999 text;
 - grounding: `key.json` with "phrase" and "box" or "point" (or lists of them), in "pixels" or "normalized";
 - text: `key.json` with "text", or `key.txt` alone when the source says format: text.
+
+Videos go where images go: `key.mp4|webm|mkv|avi|mov` (one), `key.0.mp4`, `key.1.webm`, ... (several), or a frame
+folder `key.frames.000.jpg`, `key.frames.001.jpg`, ... with "fps" in `key.json`. A caption sample holds one image
+or one video; a conversation holds one `<image>` per image and one `<video>` per video, each in member order.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from vlm_train.data.grounding import (
 )
 
 if TYPE_CHECKING:  # video decoding (PyAV) stays out of the import of every format
-    from vlm_train.data.video import Video
+    from vlm_train.data.video import Video, VideoConfig
 
 IMAGE_PLACEHOLDER = "<image>"
 VIDEO_PLACEHOLDER = "<video>"  # one per video in user turns, in video order (Sample.videos)
@@ -48,7 +52,12 @@ ROLES = {
     "system": "system",
 }
 
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
+DEFAULT_FACTOR = 28  # patch_size * spatial_merge_size of Qwen2-VL / Qwen2.5-VL: frames resize to its multiples
+
 _NUMBERED_IMAGE = re.compile(r"^(\d+)\.(" + "|".join(IMAGE_EXTENSIONS) + ")$")
+_NUMBERED_VIDEO = re.compile(r"^(\d+)\.(" + "|".join(VIDEO_EXTENSIONS) + ")$")
+_FRAME = re.compile(r"^frames\.(\d+)\.(" + "|".join(IMAGE_EXTENSIONS) + ")$")
 _BOX_TAG = re.compile(r"<box>\s*\[([^\]]*)\]\s*</box>")
 _POINT_TAG = re.compile(r"<point>\s*\[([^\]]*)\]\s*</point>")
 
@@ -85,6 +94,26 @@ def image_members(raw: dict[str, Any]) -> list[bytes]:
     return [raw[name] for _, name in numbered] or [raw[name] for name in single]
 
 
+def video_members(raw: dict[str, Any]) -> list[bytes | list[bytes]]:
+    """The sample's videos in order: a container's bytes for `mp4` (one video) or `0.mp4`, `1.webm`, ... (several),
+    or, for the frame-folder form `frames.000.jpg`, `frames.001.jpg`, ..., one video as the list of frame bytes."""
+    numbered = sorted((int(m.group(1)), name) for name in raw if (m := _NUMBERED_VIDEO.match(name)))
+    single = [name for name in VIDEO_EXTENSIONS if name in raw]
+    frames = sorted((int(m.group(1)), name) for name in raw if (m := _FRAME.match(name)))
+    forms = [form for form, found in (("numbered", numbered), ("single", single), ("frames", frames)) if found]
+    if len(forms) > 1:
+        raise SkipSample("ambiguous_videos", f"videos in several forms {forms}, members {_members(raw)}")
+    if len(single) > 1:
+        raise SkipSample("ambiguous_videos", f"several video members {single}")
+    for what, found in (("video", numbered), ("frame", frames)):
+        # a gap means a lost member: frames would play too fast, or videos would pair with the wrong placeholder
+        if found and [n for n, _ in found] != list(range(len(found))):
+            raise SkipSample("ambiguous_videos", f"{what} numbers {[n for n, _ in found]} are not 0..{len(found) - 1}")
+    if frames:
+        return [[raw[name] for _, name in frames]]
+    return [raw[name] for _, name in numbered] or [raw[name] for name in single]
+
+
 def _members(raw: dict[str, Any]) -> list[str]:
     return sorted(k for k in raw if not k.startswith("__"))
 
@@ -95,17 +124,51 @@ def detect_format(raw: dict[str, Any], record: dict | None) -> str:
         return "conversation"
     if record is not None and (record.get("task") == "grounding" or {"box", "boxes", "point", "points"} & set(record)):
         return "grounding"
-    if image_members(raw):
+    if image_members(raw) or video_members(raw):
         return "caption"
     if record is not None and "text" in record:
         return "text"
     if "txt" in raw or (record is not None and "caption" in record):
-        raise SkipSample("missing_image", f"members {_members(raw)}")
+        raise SkipSample("missing_image", f"no image or video, members {_members(raw)}")
     raise SkipSample("unknown_format", f"members {_members(raw)}")
 
 
 def _decode_images(raw: dict[str, Any], max_pixels: int) -> list[Image.Image]:
     return [decode_image(data, max_pixels) for data in image_members(raw)]
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    """What decoding a video needs: the data config's frame sampling and budgets (None: VideoConfig's defaults), and
+    the resize multiple, patch_size * merge_size of the model's PatchSpec."""
+
+    config: VideoConfig | None = None
+    factor: int = DEFAULT_FACTOR
+
+
+def _fps(record: dict | None) -> float:
+    """The frame rate of a frame-folder video, from the sample JSON's "fps"."""
+    fps = record.get("fps") if record is not None else None
+    if fps is None:
+        raise SkipSample("missing_fps", "a frames.NNN.jpg video needs an 'fps' number in the sample's json")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)):
+        raise SkipSample("bad_video_fps", f"fps={fps!r}")
+    return float(fps)
+
+
+def _decode_videos(raw: dict[str, Any], record: dict | None, options: VideoOptions) -> list[Video]:
+    members = video_members(raw)
+    if not members:
+        return []
+    from vlm_train.data.video import VideoConfig, decode_video, video_from_frames  # PyAV only where videos are
+
+    cfg = options.config if options.config is not None else VideoConfig()
+    return [
+        video_from_frames(m, _fps(record), cfg, options.factor)
+        if isinstance(m, list)
+        else decode_video(m, cfg, options.factor)
+        for m in members
+    ]
 
 
 def _one_image(raw: dict[str, Any], max_pixels: int) -> Image.Image:
@@ -117,7 +180,9 @@ def _one_image(raw: dict[str, Any], max_pixels: int) -> Image.Image:
     return decode_image(members[0], max_pixels)
 
 
-def _caption(key: str, source: str, raw: dict[str, Any], record: dict | None, max_pixels: int) -> Sample:
+def _caption(
+    key: str, source: str, raw: dict[str, Any], record: dict | None, max_pixels: int, options: VideoOptions
+) -> Sample:
     if "txt" in raw:
         caption = decode_text(raw["txt"])
     elif record is not None and isinstance(record.get("caption"), str):
@@ -126,6 +191,18 @@ def _caption(key: str, source: str, raw: dict[str, Any], record: dict | None, ma
         raise SkipSample("unknown_format", f"caption sample without txt or json caption, members {_members(raw)}")
     if not caption:
         raise SkipSample("empty_text")
+    videos = video_members(raw)
+    if videos:
+        if image_members(raw):
+            raise SkipSample(
+                "image_count_mismatch",
+                f"a caption sample holds one image or one video, not both, members {_members(raw)}",
+            )
+        if len(videos) != 1:
+            raise SkipSample("video_count_mismatch", f"expected one video, members {_members(raw)}")
+        # the image caption prompt: the model learns what "the image" means for a clip from the clip's turns
+        turns = [Turn("user", VIDEO_PLACEHOLDER + CAPTION_PROMPT), Turn("assistant", caption)]
+        return Sample(key, source, "caption", [], turns, {"answer": caption}, _decode_videos(raw, record, options))
     image = _one_image(raw, max_pixels)
     turns = [Turn("user", IMAGE_PLACEHOLDER + CAPTION_PROMPT), Turn("assistant", caption)]
     return Sample(key, source, "caption", [image], turns, {"answer": caption})
@@ -180,7 +257,9 @@ def _rewrite_tags(text: str, size: tuple[int, int] | None, box_format: str) -> s
     return _POINT_TAG.sub(lambda m: format_point(to_relative_point(numbers(m, 2), width, height, box_format)), text)
 
 
-def _conversation(key: str, source: str, raw: dict[str, Any], record: dict, max_pixels: int) -> Sample:
+def _conversation(
+    key: str, source: str, raw: dict[str, Any], record: dict, max_pixels: int, options: VideoOptions
+) -> Sample:
     messages = record.get("conversations")
     if not isinstance(messages, list) or not messages:
         raise SkipSample("bad_conversation", "'conversations' must be a non-empty list")
@@ -199,11 +278,19 @@ def _conversation(key: str, source: str, raw: dict[str, Any], record: dict, max_
         raise SkipSample(
             "image_count_mismatch", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders, {len(members)} images"
         )
+    videos = video_members(raw)
+    placeholders = sum(t.text.count(VIDEO_PLACEHOLDER) for t in turns)
+    if placeholders != len(videos):
+        raise SkipSample(
+            "video_count_mismatch", f"{placeholders} {VIDEO_PLACEHOLDER} placeholders, {len(videos)} videos"
+        )
     if not any(t.role == "assistant" for t in turns):
         raise SkipSample("bad_conversation", "no assistant turn to learn from")
-    if any(t.role != "user" and IMAGE_PLACEHOLDER in t.text for t in turns):
-        raise SkipSample("bad_conversation", f"{IMAGE_PLACEHOLDER} outside a user turn")
+    for placeholder in (IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER):
+        if any(t.role != "user" and placeholder in t.text for t in turns):
+            raise SkipSample("bad_conversation", f"{placeholder} outside a user turn")
     images = _decode_images(raw, max_pixels)
+    decoded_videos = _decode_videos(raw, record, options)
     try:
         size = images[0].size if images else None
         for turn in turns:
@@ -211,7 +298,7 @@ def _conversation(key: str, source: str, raw: dict[str, Any], record: dict, max_
     except ValueError as exc:
         raise SkipSample("bad_grounding", str(exc)) from exc
     answer = [t.text for t in turns if t.role == "assistant"][-1]
-    return Sample(key, source, "conversation", images, turns, {"answer": answer})
+    return Sample(key, source, "conversation", images, turns, {"answer": answer}, decoded_videos)
 
 
 def _text(key: str, source: str, raw: dict[str, Any], record: dict | None) -> Sample:
@@ -242,8 +329,20 @@ def label_list(record: dict | None) -> dict[str, list[str]]:
     return {}
 
 
-def parse_sample(raw: dict[str, Any], source: str, max_image_pixels: int, fmt: str = "auto") -> Sample:
-    """Decode one raw sample in format `fmt` (auto: detected from its members); unusable ones raise SkipSample."""
+def parse_sample(
+    raw: dict[str, Any],
+    source: str,
+    max_image_pixels: int,
+    fmt: str = "auto",
+    *,
+    video: VideoConfig | None = None,
+    factor: int = DEFAULT_FACTOR,
+) -> Sample:
+    """Decode one raw sample in format `fmt` (auto: detected from its members); unusable ones raise SkipSample.
+
+    Videos are sampled and resized by `video` (the data config's data.video; None: its defaults) to multiples of
+    `factor` (patch_size * merge_size of the model's PatchSpec)."""
+    options = VideoOptions(video, factor)
     key = str(raw.get("__key__", "?"))
     if "__error__" in raw:
         raise SkipSample("bad_member", raw["__error__"])
@@ -253,9 +352,9 @@ def parse_sample(raw: dict[str, Any], source: str, max_image_pixels: int, fmt: s
     if fmt in ("conversation", "grounding") and record is None:
         raise SkipSample("missing_json", f"a {fmt} sample needs a json member, members {_members(raw)}")
     if fmt == "caption":
-        sample = _caption(key, source, raw, record, max_image_pixels)
+        sample = _caption(key, source, raw, record, max_image_pixels, options)
     elif fmt == "conversation":
-        sample = _conversation(key, source, raw, record, max_image_pixels)
+        sample = _conversation(key, source, raw, record, max_image_pixels, options)
     elif fmt == "grounding":
         sample = _grounding(key, source, raw, record, max_image_pixels)
     elif fmt == "text":

@@ -25,11 +25,12 @@ from vlm_train.data.collate import collate
 from vlm_train.data.config import DataConfig
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import Encoder
-from vlm_train.data.formats import Sample, parse_sample
+from vlm_train.data.formats import DEFAULT_FACTOR, Sample, parse_sample
 from vlm_train.data.shard_assignment import reader_slot
 from vlm_train.data.sources import Source, expand_urls
 from vlm_train.data.stream import SlotStream
 from vlm_train.data.tar_reader import ShardError, iter_shard
+from vlm_train.data.video import VideoConfig
 from vlm_train.data.worker_state import StateReceiver, StateSender
 
 __all__ = [
@@ -46,13 +47,22 @@ log = logging.getLogger(__name__)
 LOADER_STATE_VERSION = 1
 
 
-def iter_samples(urls: list[str], source: str, max_decode_pixels: int, fmt: str = "auto") -> Iterator[Sample]:
-    """Decoded samples of the shards in order; unusable ones are logged and skipped (for evaluation)."""
+def iter_samples(
+    urls: list[str],
+    source: str,
+    max_decode_pixels: int,
+    fmt: str = "auto",
+    *,
+    video: VideoConfig | None = None,
+    factor: int = DEFAULT_FACTOR,
+) -> Iterator[Sample]:
+    """Decoded samples of the shards in order; unusable ones are logged and skipped (for evaluation). Videos are
+    sampled by `video` (data.video; None: defaults) and resized to multiples of `factor` (patch_size * merge_size)."""
     for url in urls:
         try:
             for raw in iter_shard(url):
                 try:
-                    yield parse_sample(raw, source, max_decode_pixels, fmt)
+                    yield parse_sample(raw, source, max_decode_pixels, fmt, video=video, factor=factor)
                 except SkipSample as exc:
                     log.warning("skipping %s: %s", raw.get("__key__"), exc)
         except ShardError as exc:

@@ -24,6 +24,7 @@ from vlm_train.data.formats import parse_sample
 from vlm_train.data.hidden_states import FORMAT as HIDDEN_STATES
 from vlm_train.data.hidden_states import read_sample as read_hidden_states
 from vlm_train.data.packer import Packer
+from vlm_train.data.video_thinning import THINNED, encode_to_fit
 from vlm_train.data.sources import Source, SourceReader
 from vlm_train.data.state import find_restore_keys, new_rng, rng_from_state, rng_state, sample_rng
 from vlm_train.data.tar_reader import fetch_samples
@@ -115,6 +116,8 @@ class SlotStream:
                 ) from exc
             return
         self.failures = 0
+        if THINNED in encoded.meta:  # counted here, for new samples only (a restore re-encodes buffered ones)
+            self._count(source.name, THINNED)
         self.pending.extend(packs)
 
     def _encode(self, source: Source, raw: dict[str, Any]) -> EncodedSample:
@@ -122,8 +125,17 @@ class SlotStream:
         if source.format == HIDDEN_STATES:  # stored already encoded, with the target's hidden states
             encoded = read_hidden_states(raw, source.name, self.encoder.spec.pixel_dim)
         else:
-            sample = parse_sample(raw, source.name, self.cfg.image.max_decode_pixels, source.format)
-            encoded = self.encoder.encode(sample, rng=sample_rng(self.seed, key))
+            spec = self.encoder.spec
+            sample = parse_sample(
+                raw,
+                source.name,
+                self.cfg.image.max_decode_pixels,
+                source.format,
+                video=self.cfg.video,
+                factor=spec.patch_size * spec.merge_size,
+            )
+            # Videos over the pack budgets are thinned (fewer, then smaller frames) to fit, not dropped.
+            encoded = encode_to_fit(self.encoder, sample, self.packer.budget, rng=sample_rng(self.seed, key))
         encoded.meta["restore_key"] = key
         return encoded
 

@@ -87,12 +87,13 @@ class _Builder:
         merge_size: int,
         second_per_grid_t: float,
         tokens_per_second: float,
+        keep: np.ndarray | None = None,
     ) -> None:
         # Qwen2.5-VL: temporal patch k sits at int(k * second_per_grid_t * tokens_per_second), rows and columns as
         # for images; the text after continues from the largest position + 1, as Qwen2.5-VL was trained (and
         # transformers < 5.3 and vLLM compute; transformers >= 5.3 restarts it after the spatial extent only).
         times = temporal_positions(grid_thw[0], second_per_grid_t, tokens_per_second)
-        self._vision(pad_id, times, grid_thw, merge_size, None)
+        self._vision(pad_id, times, grid_thw, merge_size, keep)
 
     def _vision(
         self, pad_id: int, times: np.ndarray, grid_thw: tuple, merge_size: int, keep: np.ndarray | None
@@ -172,15 +173,26 @@ class Encoder:
         keep = kept_windows(windows, rate, rng) if rate > 0 else np.arange(windows)
         return pixel_values, grid, keep
 
-    def _video(self, video: Video) -> tuple[np.ndarray, tuple, float]:
-        """Patches (all t frames per row), grid and seconds per temporal patch of one video's sampled frames."""
+    def _video(self, video: Video, rng: np.random.Generator | None) -> tuple:
+        """Patches (all t frames per row), grid, seconds per temporal patch, kept merge windows (None: all) and the
+        kept patches' positions of one video's sampled frames."""
         if not video.sample_fps > 0:
             raise SkipSample("bad_video", f"sample_fps must be > 0, got {video.sample_fps}")
         try:
             pixel_values, grid = video_to_patches(video, self.spec)
         except ValueError as exc:  # frames not resized to the merge multiple, or not uint8 [T, H, W, 3]
             raise SkipSample("bad_video_size", str(exc)) from exc
-        return pixel_values, grid, video.second_per_grid_t(self.spec.temporal_patch_size)
+        second_per_grid_t = video.second_per_grid_t(self.spec.temporal_patch_size)
+        if not self.sampling.drops:
+            return pixel_values, grid, second_per_grid_t, None, None
+        # Token drop as for an image, over the t*h*w merge windows; a video's patch positions stack its temporal
+        # patches' rows (row + k*h), so they name the window's time as well as its place (vision_layout reads them).
+        rate = self.sampling.drop_rate(rng)
+        windows = pixel_values.shape[0] // self.spec.merge_size**2
+        keep = kept_windows(windows, rate, rng) if rate > 0 else np.arange(windows)
+        rows = (keep[:, None] * self.spec.merge_size**2 + np.arange(self.spec.merge_size**2)).reshape(-1)
+        positions = window_positions((1, grid[0] * grid[1], grid[2]), self.spec.merge_size)[rows]
+        return pixel_values[rows], grid, second_per_grid_t, keep, positions
 
     def encode(
         self, sample: Sample, for_generation: bool = False, rng: np.random.Generator | None = None
@@ -201,8 +213,6 @@ class Encoder:
                 "video_count_mismatch",
                 f"{video_placeholders} {VIDEO_PLACEHOLDER} placeholders, {len(sample.videos)} videos",
             )
-        if sample.videos and self.sampling.drops:
-            raise SkipSample("video_token_drop", "token dropping handles still images only, not videos")
 
         merge = self.spec.merge_size
         images = []  # (patches, grid, keep, patch positions) per image, drawn in image order
@@ -214,11 +224,12 @@ class Encoder:
                 pixel_values = pixel_values[rows]
                 positions = window_positions(grid, merge)[rows]
             images.append((pixel_values, grid, keep, positions))
-        videos = [self._video(video) for video in sample.videos]
+        videos = [self._video(video, rng) for video in sample.videos]
 
         builder = _Builder()
         image_items, video_items = iter(images), iter(videos)
         patches, grids, patch_positions = [], [], []  # images and videos in placeholder order
+        video_tokens = []  # pad tokens of each video, for video_thinning to size what the rest of the sample takes
         for turn in turns:
             if turn.role == "text":
                 builder.text(self._tokens(turn.text) + [self.special.pad], supervised=True)
@@ -241,14 +252,16 @@ class Encoder:
                     elif part == VIDEO_PLACEHOLDER:
                         # Video tokens are image pads too: the model fills every pad with the next vision
                         # embedding in grid order, and the positions (the only place time enters) are set here.
-                        pixel_values, grid, second_per_grid_t = next(video_items)
+                        pixel_values, grid, second_per_grid_t, keep, positions = next(video_items)
                         builder.text([self.special.vision_start])
                         builder.video(
-                            self.special.image_pad, grid, merge, second_per_grid_t, self.spec.tokens_per_second
+                            self.special.image_pad, grid, merge, second_per_grid_t, self.spec.tokens_per_second, keep
                         )
                         builder.text([self.special.vision_end])
                         patches.append(pixel_values)
                         grids.append(grid)
+                        patch_positions.append(positions)
+                        video_tokens.append(pixel_values.shape[0] // merge**2)
                     elif part:
                         builder.text(self._tokens(part))
                 builder.text([self.special.im_end])
@@ -265,6 +278,8 @@ class Encoder:
         ids, labels, positions = builder.finish()
 
         meta = {**sample.meta, "key": sample.key, "source": sample.source, "task": sample.task}
+        if video_tokens:
+            meta["video_tokens"] = video_tokens
         return EncodedSample(
             input_ids=ids,
             labels=labels,

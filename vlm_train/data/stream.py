@@ -24,10 +24,10 @@ from vlm_train.data.formats import parse_sample
 from vlm_train.data.hidden_states import FORMAT as HIDDEN_STATES
 from vlm_train.data.hidden_states import read_sample as read_hidden_states
 from vlm_train.data.packer import Packer
-from vlm_train.data.video_thinning import THINNED, encode_to_fit
 from vlm_train.data.sources import Source, SourceReader
 from vlm_train.data.state import find_restore_keys, new_rng, rng_from_state, rng_state, sample_rng
 from vlm_train.data.tar_reader import fetch_samples
+from vlm_train.data.video_thinning import THINNED, encode_to_fit
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1

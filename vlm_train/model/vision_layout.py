@@ -128,7 +128,9 @@ def keep_from_patch_positions(
 ) -> torch.Tensor:
     """The keep mask of a pack whose kept patches are given by their (row, column) [P, 2] (PackedBatch.patch_positions).
 
-    vit_cu_seqlens bound each image's kept patches. Patches must come in whole merge windows, in merge order.
+    vit_cu_seqlens bound each image's kept patches. Patches must come in whole merge windows, in merge order. A video
+    (t > 1 temporal patches) stacks its temporal patches' rows: temporal patch k's row r is given as k*h + r, so a
+    window's time is known even when whole frames' windows are dropped.
     """
     unit = merge * merge
     grids, bounds = grid_thw.tolist(), vit_cu_seqlens.tolist()
@@ -139,17 +141,18 @@ def keep_from_patch_positions(
         )
     masks = []
     for (t, h, w), start, end in zip(grids, bounds[:-1], bounds[1:]):
-        if t != 1:
-            raise ValueError(f"token dropping needs still images (t=1), got grid {[t, h, w]}")
         if (end - start) % unit:
             raise ValueError(f"an image keeps {end - start} patches, not whole merge windows of {unit}")
         first = positions[start:end:unit]
-        units = (first[:, 0] // merge) * (w // merge) + first[:, 1] // merge
-        keep = torch.zeros((h // merge) * (w // merge), dtype=torch.bool)
+        units = (first[:, 0] // merge) * (w // merge) + first[:, 1] // merge  # rows run over all t*h stacked rows
+        keep = torch.zeros(t * (h // merge) * (w // merge), dtype=torch.bool)
+        if units.numel() and (units.min() < 0 or units.max() >= keep.numel()):
+            raise ValueError(f"patch_positions name merge windows outside grid {[t, h, w]}")
         keep[units] = True
         masks.append(keep)
     keep = torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool)
-    expected = vision_positions(grid_thw.cpu(), merge)[keep.repeat_interleave(unit)]
+    stacked = torch.tensor([[1, t * h, w] for t, h, w in grids], dtype=torch.long).reshape(-1, 3)
+    expected = vision_positions(stacked, merge)[keep.repeat_interleave(unit)]
     if not torch.equal(expected, positions):
         raise ValueError("patch_positions must list whole merge windows, each image's in merge order")
     return keep

@@ -1,0 +1,169 @@
+"""Videos against the pack budgets: thinned to fit rather than dropped, token dropping over their merge windows, and
+interleaved documents split between entries to fit a pack."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from vlm_train.data.collate import collate
+from vlm_train.data.encode import Encoder
+from vlm_train.data.formats import VIDEO_PLACEHOLDER, Sample, Turn
+from vlm_train.data.image import ImageSampling
+from vlm_train.data.pack_planner import Budget
+from vlm_train.data.truncate import image_runs
+from vlm_train.data.video import Video
+from vlm_train.data.video_patches import temporal_positions
+from vlm_train.data.video_thinning import THINNED, encode_to_fit, thin_video, video_patches
+from vlm_train.model import VLM, ModelConfig, VisionConfig
+from vlm_train.model.vision_layout import pack_keep
+
+from helpers import SPEC, tiny_tokenizer
+
+WINDOWED = dict(window_size=56, fullatt_block_indexes=[1])
+
+
+def _video(frames: int, height: int, width: int, fps: float, seed: int = 0) -> Video:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
+    return Video(pixels, fps, [i / fps for i in range(frames)])
+
+
+def _video_sample(video: Video, key: str = "clip") -> Sample:
+    turns = [Turn("user", VIDEO_PLACEHOLDER + "What happens?"), Turn("assistant", "a red circle moves left")]
+    return Sample(key, "test", "conversation", [], turns, videos=[video])
+
+
+def _time_steps(encoded, special) -> list[int]:
+    """The distinct temporal positions of the sample's (only) video, in order."""
+    (start, end) = image_runs(encoded.input_ids, special.image_pad)[0]
+    times = encoded.position_ids[0, start:end]
+    return sorted(set((times - times[0]).tolist()))
+
+
+def test_a_video_over_the_patch_budget_drops_frames_evenly_and_keeps_time_true():
+    encoder = Encoder(tiny_tokenizer(), SPEC)
+    video = _video(32, 56, 84, 2.0)  # 16 temporal patches x 4 x 6 = 384 patches
+    full = encoder.encode(_video_sample(video))
+    assert full.num_patches == 384
+    budget = Budget(tokens=10_000, patches=100)
+    fitted = encode_to_fit(encoder, _video_sample(video), budget)
+    assert fitted.num_patches <= 100 and budget.overflow(fitted.num_tokens, fitted.num_patches, 1) is None
+    (record,) = fitted.meta[THINNED]
+    kept = record["frames"][1]
+    assert record["frames"][0] == 32 and kept % 2 == 0 and 2 <= kept < 32
+    assert record["size"][1] == [56, 84]  # frames went first; the size only shrinks once 2 frames are still over
+    assert fitted.image_grid_thw.tolist() == [[kept // 2, 4, 6]]
+    # The kept frames span the clip evenly, so one temporal patch now covers 32 / kept times the seconds.
+    thinned = thin_video(video, 100, SPEC)
+    assert thinned.timestamps[0] == 0.0 and thinned.timestamps[-1] == video.timestamps[-1]
+    assert thinned.sample_fps == pytest.approx(2.0 * kept / 32)
+    expected = temporal_positions(kept // 2, thinned.second_per_grid_t(2), SPEC.tokens_per_second)
+    assert _time_steps(fitted, encoder.special) == expected.tolist()
+    assert expected[-1] >= _time_steps(full, encoder.special)[-1] - 2 * 32 // kept  # still spans the clip
+
+
+def test_frames_shrink_once_two_are_still_over_the_budget():
+    video = _video(8, 112, 168, 4.0)
+    thinned = thin_video(video, 12, SPEC)  # 2 frames of 8 x 12 patches = 96: must shrink to <= 12 patches
+    assert thinned.frames.shape[0] == 2
+    h, w = thinned.frames.shape[1:3]
+    assert h % SPEC.factor == 0 and w % SPEC.factor == 0 and video_patches(2, h, w, SPEC) <= 12
+    assert thinned.sample_fps == pytest.approx(1.0)  # 2 of 8 frames
+    assert thin_video(video, 3, SPEC) is None  # under one merge window per frame: nothing fits
+
+
+def test_the_token_budget_thins_too_and_a_fitting_video_is_left_alone():
+    encoder = Encoder(tiny_tokenizer(), SPEC)
+    video = _video(16, 56, 56, 2.0)  # 8 temporal patches of 2 x 2 tokens: 32 video tokens
+    alone = encoder.encode(_video_sample(video))
+    budget = Budget(tokens=alone.num_tokens - 16, patches=10_000)
+    fitted = encode_to_fit(encoder, _video_sample(video), budget)
+    assert fitted.num_tokens <= budget.tokens and THINNED in fitted.meta
+    untouched = encode_to_fit(encoder, _video_sample(video), Budget(tokens=10_000, patches=10_000))
+    assert THINNED not in untouched.meta and untouched.num_patches == alone.num_patches
+
+
+def test_the_stream_counts_thinned_videos():
+    from vlm_train.data import stream as stream_module
+    from vlm_train.data.packer import PackConfig, Packer
+
+    encoder = Encoder(tiny_tokenizer(), SPEC)
+    long_clip = encode_to_fit(encoder, _video_sample(_video(32, 56, 84, 2.0)), Budget(10_000, 100))
+    short_clip = encode_to_fit(encoder, _video_sample(_video(2, 56, 84, 2.0)), Budget(10_000, 100))
+
+    class _Source:
+        name = "web"
+
+    class _Reader:
+        def next(self):
+            return {"__key__": "k"}
+
+    class _Stream(stream_module.SlotStream):  # the per-sample step with a fixed encoding: no shards
+        def __init__(self, encoded):
+            self.sources, self.readers, self.weights = [_Source()], [_Reader()], [1.0]
+            self.mixture = np.random.default_rng(0)
+            self.packer = Packer(PackConfig(llm_budget=10_000, vit_budget=100), special=encoder.special)
+            self.skipped, self._since_pack, self.pending, self.failures = Counter(), Counter(), [], 0
+            self.encoded = encoded
+
+        def _encode(self, source, raw):
+            return self.encoded.pop(0)
+
+    stream = _Stream([long_clip, short_clip])
+    stream._step()
+    stream._step()
+    assert stream.skipped == Counter({f"web/{THINNED}": 1}) and stream.failures == 0
+
+
+def _dropping_encoder() -> Encoder:
+    sampling = ImageSampling(drop_prob=1.0, drop_rate_min=0.5, drop_rate_max=0.5)
+    return Encoder(tiny_tokenizer(), SPEC, sampling)
+
+
+def test_token_drop_removes_video_windows_and_their_pad_tokens():
+    encoder = _dropping_encoder()
+    video = _video(8, 56, 84, 2.0)  # 4 temporal patches x 2 x 3 windows = 24 windows
+    encoded = encoder.encode(_video_sample(video), rng=np.random.default_rng(0))
+    whole = Encoder(tiny_tokenizer(), SPEC).encode(_video_sample(video))
+    (start, end) = image_runs(encoded.input_ids, encoder.special.image_pad)[0]
+    assert end - start == 24 - 12  # half the windows dropped, one pad token each
+    assert encoded.num_patches == 12 * 4 and encoded.patch_positions.shape == (48, 2)
+    assert encoded.num_tokens == whole.num_tokens - 12
+    # Kept windows keep their (t, row, column) positions; the text after the video does not move.
+    (w_start, w_end) = image_runs(whole.input_ids, encoder.special.image_pad)[0]
+    full_grid = whole.position_ids[:, w_start:w_end]
+    kept = encoded.position_ids[:, start:end]
+    assert all(any((full_grid[:, j] == kept[:, i]).all() for j in range(full_grid.shape[1])) for i in range(12))
+    assert encoded.position_ids[0, -1] == whole.position_ids[0, -1]
+    # The keep mask read back from the stacked patch positions names the same windows in t*h*w order.
+    batch = collate([encoded], image_token_id=encoder.special.image_pad)
+    keep = pack_keep(batch, SPEC.merge_size)
+    assert keep.shape == (24,) and int(keep.sum()) == 12
+
+
+def test_the_model_runs_a_pack_with_dropped_video_windows():
+    torch.manual_seed(0)
+    encoder = _dropping_encoder()
+    cfg = ModelConfig(vision=VisionConfig(**WINDOWED), attn_backend="sdpa")
+    model = VLM(cfg, vocab_size=len(tiny_tokenizer()), image_token_id=encoder.special.image_pad).eval()
+    samples = [
+        encoder.encode(_video_sample(_video(8, 56, 84, 2.0, seed=1)), rng=np.random.default_rng(1)),
+        encoder.encode(_video_sample(_video(4, 112, 56, 3.0, seed=2), key="b"), rng=np.random.default_rng(2)),
+    ]
+    batch = collate(samples, image_token_id=encoder.special.image_pad)
+    with torch.no_grad():
+        logits = model(batch).logits
+    assert logits.shape[0] == batch.input_ids.shape[0] and torch.isfinite(logits).all()
+
+
+def test_thinning_keeps_the_draws_of_token_drop():
+    encoder = _dropping_encoder()
+    video = _video(32, 56, 84, 2.0)
+    fitted = encode_to_fit(encoder, _video_sample(video), Budget(10_000, 100), rng=np.random.default_rng(3))
+    assert fitted.num_patches <= 100 and THINNED in fitted.meta
+    assert dataclasses.is_dataclass(fitted) and fitted.patch_positions.shape[0] == fitted.num_patches

@@ -202,3 +202,62 @@ def test_loader_packs_videos_with_t_above_one_and_counts_corrupt_ones(tmp_path):
     # iter_samples (evaluation) takes the same video options
     decoded = list(iter_samples([url], "clips", 10**7, video=SMALL, factor=28))
     assert len(decoded) == 4 and all(len(s.videos) == 1 for s in decoded)
+
+
+def test_make_shards_from_a_llava_video_json_and_a_video_folder_reads_back(tmp_path):
+    from vlm_train.cli import inspect_shards, make_shards
+
+    clips = tmp_path / "clips" / "sub"
+    clips.mkdir(parents=True)
+    for i, name in enumerate(["a.mp4", "b.mp4", "c.mp4"]):
+        (clips / name).write_bytes(mp4(level=20 * i))
+    (clips / "broken.mp4").write_bytes(b"not a video")
+    turns = lambda text: [{"from": "human", "value": text}, {"from": "gpt", "value": "it gets brighter"}]
+    records = [
+        {"id": "llava.video/1", "video": "sub/a.mp4", "conversations": turns("<image>\nWhat happens?")},  # 178K habit
+        {"id": "two", "video": ["sub/b.mp4", "sub/c.mp4"], "conversations": turns("<video> then <video>?")},
+        {"id": "cap", "video": "sub/c.mp4", "caption": "a grey clip"},
+        {"id": "gone", "video": "sub/missing.mp4", "conversations": turns("<video>?")},
+        {"id": "odd", "video": "sub/a.gif", "conversations": turns("<video>?")},
+        {"id": "bad", "video": "sub/broken.mp4", "caption": "never decodes"},
+    ]
+    (tmp_path / "v.json").write_text(json.dumps(records))
+    out = make_shards.main(
+        ["llava", "--json", str(tmp_path / "v.json"), "--videos", str(tmp_path / "clips"), "--out", str(tmp_path / "v")]
+    )
+    assert out["samples"] == 4 and out["skipped"] == {"missing_video": 1, "unsupported_video": 1}
+    assert out["format"] == "auto"  # conversations and captions together
+
+    report = inspect_shards.main([out["urls"], "--previews", "3", "--video-max-pixels", str(16 * 28 * 28)])
+    assert report["by_format"] == {"conversation": 2, "caption": 1} and report["invalid_by_reason"] == {
+        "corrupt_video": 1
+    }
+    assert report["video_samples_by_format"] == {"conversation": 2, "caption": 1} and report["videos"] == 4
+    first = report["previews"][0]
+    assert first["turns"][0]["text"].startswith(VIDEO_PLACEHOLDER) and first["videos"][0]["frames"] >= 2
+    assert all(grid[0] > 1 for grid in first["image_grids"])  # a video grid has several temporal patches
+
+    # the real loader path: the shards' samples decode to videos and pack with t > 1
+    cfg = DataConfig(shuffle_buffer=2, video=SMALL)
+    cfg.pack.llm_budget, cfg.pack.buffer_size = 2000, 2
+    stream = PackedStream([Source("v", [out["urls"]], format=out["format"])], encoder(), cfg, 0, 0, 1)
+    keys, skipped = set(), Counter()
+    for batch in itertools.islice(iter(stream), 4):
+        keys |= {m["key"] for m in batch.meta}
+        skipped.update(batch.skipped)
+        assert all(t > 1 for t in batch.image_grid_thw[:, 0].tolist())
+    assert len(keys) == 3 and skipped["v/corrupt_video"] >= 1
+
+
+def test_make_shards_captions_folder_takes_videos_with_a_txt_beside_them(tmp_path):
+    from vlm_train.cli import make_shards
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    (folder / "a.webm").write_bytes(mp4())  # the member takes the file's extension; its codec does not matter
+    (folder / "a.txt").write_text("a grey clip")
+    (folder / "b.mp4").write_bytes(mp4())  # no caption: counted, left out
+    out = make_shards.main(["captions", "--videos", str(folder), "--out", str(tmp_path / "c")])
+    assert out["samples"] == 1 and out["skipped"] == {"missing_caption": 1} and out["format"] == "caption"
+    (sample,) = iter_samples([out["urls"]], "c", 10**7, video=SMALL)
+    assert len(sample.videos) == 1 and sample.turns[1].text == "a grey clip"

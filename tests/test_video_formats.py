@@ -261,3 +261,41 @@ def test_make_shards_captions_folder_takes_videos_with_a_txt_beside_them(tmp_pat
     assert out["samples"] == 1 and out["skipped"] == {"missing_caption": 1} and out["format"] == "caption"
     (sample,) = iter_samples([out["urls"]], "c", 10**7, video=SMALL)
     assert len(sample.videos) == 1 and sample.turns[1].text == "a grey clip"
+
+
+def test_generate_tool_answers_about_a_video(tmp_path, capsys):
+    from vlm_train.cli.generate import main
+
+    from tools_helpers import save_run, small_model
+
+    save_run(tmp_path / "run", small_model(), video=SMALL)
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(mp4())
+    args = [str(tmp_path / "run"), "--video", str(clip), "--prompt", "What happens in <video>?", "--json"]
+    result = main([*args, "--max-new-tokens", "4"])
+    assert json.loads(capsys.readouterr().out)["answer"] == result["answer"]
+    assert result["images"] == 0 and len(result["videos"]) == 1 and result["videos"][0]["frames"] >= 2
+    assert 0 < result["new_tokens"] <= 4
+    with pytest.raises(ValueError, match="2 <video> placeholders but 1 videos"):
+        main([str(tmp_path / "run"), "--video", str(clip), "--prompt", "<video> or <video>?"])
+    with pytest.raises(FileNotFoundError, match="gone.mp4"):
+        main([str(tmp_path / "run"), "--video", str(tmp_path / "gone.mp4"), "--prompt", "hi"])
+
+
+def test_evaluate_tool_runs_on_held_out_video_captions(tmp_path, capsys):
+    from vlm_train.cli.evaluate import main
+
+    from tools_helpers import save_run, small_model
+
+    save_run(tmp_path / "run", small_model(seed=1), video=SMALL)
+    shard = _write_shard(
+        tmp_path / "heldout.tar",
+        [{"__key__": f"v{i}", "mp4": mp4(level=30 * i), "txt": f"clip {i}"} for i in range(2)]
+        + [{"__key__": "bad", "mp4": b"junk", "txt": "x"}],
+    )
+    args = ["--heldout", f"clips={shard}", "--num-loss", "5", "--num-caption", "2", "--num-grounding", "0"]
+    predictions = tmp_path / "preds.jsonl"
+    summary = main([str(tmp_path / "run"), *args, "--max-new-tokens", "3", "--predictions", str(predictions)])
+    assert summary["heldout_exact_match_n"] == 2 and summary["heldout_loss/task/caption"] > 0
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(lines) == 2 and all("video" in str(line) for line in lines)

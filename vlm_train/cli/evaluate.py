@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_new_tokens=args.max_new_tokens,
         prompts_per_pack=args.prompts_per_pack,
     )
-    evaluator = HeldoutEvaluator(sets, loaded.encoder, cfg, max_decode)
+    # held-out videos are sampled by the run's data.video (frame rate, frame and pixel budgets), as in training
+    evaluator = HeldoutEvaluator(sets, loaded.encoder, cfg, max_decode, loaded.data.video if loaded.data else None)
     started = time.perf_counter()
     result = evaluator.evaluate(loaded.model, device)
     summary: dict[str, Any] = {

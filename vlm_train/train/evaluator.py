@@ -27,9 +27,10 @@ from vlm_train.data.batch import PackedBatch
 from vlm_train.data.collate import collate
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import EncodedSample, Encoder
-from vlm_train.data.formats import Sample
+from vlm_train.data.formats import DEFAULT_FACTOR, Sample
 from vlm_train.data.grounding import box_iou, parse_box
 from vlm_train.data.loader import iter_samples, pack_for_generation
+from vlm_train.data.video import VideoConfig
 from vlm_train.devices import inference_autocast
 from vlm_train.jsonio import dumps
 from vlm_train.model.generate import greedy_generate
@@ -115,13 +116,21 @@ def _is_correct(sample: Sample, generated: str) -> bool:
     return generated.strip() == sample.meta["answer"]
 
 
-def select_heldout(urls: list[str], cfg: EvalConfig, max_decode_pixels: int) -> list[Sample]:
-    """The first num_caption caption and num_grounding grounding samples of the held-out shards."""
+def select_heldout(
+    urls: list[str],
+    cfg: EvalConfig,
+    max_decode_pixels: int,
+    *,
+    video: VideoConfig | None = None,
+    factor: int = DEFAULT_FACTOR,
+) -> list[Sample]:
+    """The first num_caption caption and num_grounding grounding samples of the held-out shards (videos sampled by
+    `video`, data.video, resized to multiples of `factor`)."""
     wanted = {"caption": cfg.num_caption, "grounding": cfg.num_grounding}
     chosen: list[Sample] = []
     if not any(wanted.values()):
         return chosen
-    for sample in iter_samples(urls, "heldout", max_decode_pixels):
+    for sample in iter_samples(urls, "heldout", max_decode_pixels, video=video, factor=factor):
         if wanted.get(sample.task, 0) > 0:
             wanted[sample.task] -= 1
             chosen.append(sample)
@@ -144,7 +153,11 @@ def predict(
             outputs = greedy_generate(model, prompts, cfg.max_new_tokens, encoder.special.im_end)
         for sample, tokens in zip(chunk, outputs):
             text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            image = ", ".join(f"{im.width}x{im.height} px" for im in sample.images) or "no image"
+            media = [f"{im.width}x{im.height} px" for im in sample.images]
+            media += [
+                f"video {v.frames.shape[0]} frames of {v.frames.shape[2]}x{v.frames.shape[1]} px" for v in sample.videos
+            ]
+            image = ", ".join(media) or "no image"
             prompt = sample.turns[-2].text if len(sample.turns) > 1 else ""
             correct = _is_correct(sample, text)
             predictions.append(Prediction(sample.key, sample.task, image, prompt, sample.meta["answer"], text, correct))
@@ -170,6 +183,7 @@ class HeldoutEvaluator:
         encoder: Encoder,
         cfg: EvalConfig,
         max_decode_pixels: int,
+        video: VideoConfig | None = None,
     ) -> None:
         self.sets = {DEFAULT_SET: list(sets)} if isinstance(sets, list) else {k: list(v) for k, v in sets.items()}
         if not self.sets:
@@ -182,14 +196,19 @@ class HeldoutEvaluator:
         self.encoder = encoder
         self.cfg = cfg
         self.max_decode_pixels = max_decode_pixels
+        # held-out videos are sampled as training samples them (data.video; None: its defaults), at the model's factor
+        self.video = video
+        self.factor = encoder.spec.patch_size * encoder.spec.merge_size
         self.skipped = 0  # held-out samples that could not be encoded (counted, not fatal)
         self._packs: list[PackedBatch] | None = None
         self._task_samples: list[Sample] | None = None
 
     @classmethod
-    def from_setup(cls, setup: Any, cfg: EvalConfig, max_decode_pixels: int) -> HeldoutEvaluator:
+    def from_setup(
+        cls, setup: Any, cfg: EvalConfig, max_decode_pixels: int, video: VideoConfig | None = None
+    ) -> HeldoutEvaluator:
         """From the trainer's DataSetup: its encoder and held-out shards (one set, "heldout")."""
-        return cls({DEFAULT_SET: list(setup.heldout_urls)}, setup.encoder, cfg, max_decode_pixels)
+        return cls({DEFAULT_SET: list(setup.heldout_urls)}, setup.encoder, cfg, max_decode_pixels, video)
 
     def loss_packs(self) -> list[PackedBatch]:
         """The packs the loss runs on: the first num_loss samples of every set, encoded without jitter."""
@@ -197,7 +216,7 @@ class HeldoutEvaluator:
             encoded = []
             for name, urls in self.sets.items():
                 taken = 0
-                for sample in iter_samples(urls, name, self.max_decode_pixels):
+                for sample in iter_samples(urls, name, self.max_decode_pixels, video=self.video, factor=self.factor):
                     if taken >= self.cfg.num_loss:
                         break
                     try:
@@ -213,7 +232,9 @@ class HeldoutEvaluator:
         """Caption and grounding samples to answer, taken across all sets."""
         if self._task_samples is None:
             urls = [u for urls in self.sets.values() for u in urls]
-            self._task_samples = select_heldout(urls, self.cfg, self.max_decode_pixels)
+            self._task_samples = select_heldout(
+                urls, self.cfg, self.max_decode_pixels, video=self.video, factor=self.factor
+            )
         return self._task_samples
 
     def evaluate(self, model: VLM, device: torch.device) -> HeldoutResult:

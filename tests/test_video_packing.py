@@ -167,3 +167,91 @@ def test_thinning_keeps_the_draws_of_token_drop():
     fitted = encode_to_fit(encoder, _video_sample(video), Budget(10_000, 100), rng=np.random.default_rng(3))
     assert fitted.num_patches <= 100 and THINNED in fitted.meta
     assert dataclasses.is_dataclass(fitted) and fitted.patch_positions.shape[0] == fitted.num_patches
+
+
+# ---- interleaved documents ---------------------------------------------------------------------------------------
+
+
+def _jpeg(width: int, height: int, seed: int) -> bytes:
+    import io
+
+    from helpers import noise_image
+
+    out = io.BytesIO()
+    noise_image(width, height, seed).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def _document(paragraphs: int = 2, images: int = 2, drop_member: int | None = None) -> dict:
+    """An OBELICS-style raw sample: text, image, text, image, ... with images as 0.jpg, 1.jpg, ..."""
+    import json
+
+    texts, image_entries, raw = [], [], {"__key__": "doc"}
+    for i in range(max(paragraphs, images)):
+        if i < paragraphs:
+            texts.append(f"paragraph {i} says the red circle moves left and the blue square stays")
+            image_entries.append(None)
+        if i < images:
+            texts.append(None)
+            image_entries.append(f"https://example.com/{i}.jpg")  # not used to find the member
+            if i != drop_member:
+                raw[f"{i}.jpg"] = _jpeg(56 + 28 * (i % 2), 56, seed=i)
+    raw["json"] = json.dumps({"texts": texts, "images": image_entries}).encode()
+    return raw
+
+
+def test_an_interleaved_document_is_one_text_sample_with_its_images_in_place():
+    from vlm_train.data.batch import IGNORE_INDEX
+    from vlm_train.data.formats import IMAGE_PLACEHOLDER, parse_sample
+
+    sample = parse_sample(_document(), "web", 10**8)  # auto detects the layout
+    assert sample.task == "text" and len(sample.images) == 2 and sample.meta["format"] == "interleaved"
+    (turn,) = sample.turns
+    assert turn.role == "text" and turn.text.count(IMAGE_PLACEHOLDER) == 2
+    assert turn.text.startswith("paragraph 0") and turn.text.index(IMAGE_PLACEHOLDER) < turn.text.index("paragraph 1")
+    encoder = Encoder(tiny_tokenizer(), SPEC)
+    encoded = encoder.encode(sample)
+    special = encoder.special
+    runs = image_runs(encoded.input_ids, special.image_pad)
+    assert len(runs) == 2 and encoded.image_grid_thw.shape[0] == 2
+    ids, labels = encoded.input_ids, encoded.labels
+    for start, end in runs:
+        assert ids[start - 1] == special.vision_start and ids[end] == special.vision_end
+        # No token learns to predict an image's tokens (vision start, pads, end); the text after it is learnt.
+        assert (labels[start - 2 : end] == IGNORE_INDEX).all() and labels[end] != IGNORE_INDEX
+    assert labels[0] != IGNORE_INDEX and ids[-1] == special.pad  # text is supervised, the document ends with pad
+
+
+def test_a_missing_image_member_is_a_counted_skip():
+    from vlm_train.data.decode import SkipSample
+    from vlm_train.data.formats import parse_sample
+
+    with pytest.raises(SkipSample) as info:
+        parse_sample(_document(drop_member=1), "web", 10**8, "interleaved")
+    assert info.value.reason == "missing_image"
+
+
+def test_a_long_document_is_split_between_entries_into_parts_that_fit():
+    from vlm_train.data.formats import parse_sample
+    from vlm_train.data.interleaved import ENTRIES, split_document
+
+    encoder = Encoder(tiny_tokenizer(), SPEC)
+    sample = parse_sample(_document(paragraphs=6, images=5), "web", 10**8, "interleaved")
+    whole = encoder.encode(sample)
+    budget = Budget(tokens=whole.num_tokens // 3, patches=10_000)
+    parts = split_document(sample, encoder, budget)
+    assert len(parts) >= 3 and [p.key for p in parts] == [f"doc#{n}" for n in range(len(parts))]
+    for part in parts:
+        encoded = encoder.encode(part)
+        assert budget.overflow(encoded.num_tokens, encoded.num_patches, len(part.images)) is None
+        runs = image_runs(encoded.input_ids, encoder.special.image_pad)
+        assert len(runs) == len(part.images) == encoded.image_grid_thw.shape[0]  # every image whole in one part
+        for start, end in runs:
+            assert encoded.input_ids[start - 1] == encoder.special.vision_start
+            assert encoded.input_ids[end] == encoder.special.vision_end
+    # Every text entry lands in exactly one part, in order.
+    texts = [e for p in parts for e in p.meta[ENTRIES] if isinstance(e, str)]
+    assert texts == [e for e in sample.meta[ENTRIES] if isinstance(e, str)]
+    patches = Budget(tokens=10_000, patches=whole.num_patches // 2)
+    assert all(encoder.encode(p).num_patches <= patches.patches for p in split_document(sample, encoder, patches))
+    assert split_document(sample, encoder, Budget(10_000, 10_000)) == [sample]

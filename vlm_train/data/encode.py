@@ -230,9 +230,42 @@ class Encoder:
         image_items, video_items = iter(images), iter(videos)
         patches, grids, patch_positions = [], [], []  # images and videos in placeholder order
         video_tokens = []  # pad tokens of each video, for video_thinning to size what the rest of the sample takes
+
+        def media_and_text(text: str, supervised: bool) -> None:
+            """A turn's text with its images and videos in place; `supervised` marks the text (never the media)."""
+            for part in _PLACEHOLDERS.split(text):
+                if part == IMAGE_PLACEHOLDER:
+                    pixel_values, grid, keep, positions = next(image_items)
+                    builder.text([self.special.vision_start])
+                    builder.image(self.special.image_pad, grid, merge, keep)
+                    builder.text([self.special.vision_end])
+                    patches.append(pixel_values)
+                    grids.append(grid)
+                    patch_positions.append(positions)
+                elif part == VIDEO_PLACEHOLDER:
+                    # Video tokens are image pads too: the model fills every pad with the next vision
+                    # embedding in grid order, and the positions (the only place time enters) are set here.
+                    pixel_values, grid, second_per_grid_t, keep, positions = next(video_items)
+                    builder.text([self.special.vision_start])
+                    builder.video(
+                        self.special.image_pad, grid, merge, second_per_grid_t, self.spec.tokens_per_second, keep
+                    )
+                    builder.text([self.special.vision_end])
+                    patches.append(pixel_values)
+                    grids.append(grid)
+                    patch_positions.append(positions)
+                    video_tokens.append(pixel_values.shape[0] // merge**2)
+                elif part:
+                    builder.text(self._tokens(part), supervised=supervised)
+
         for turn in turns:
             if turn.role == "text":
-                builder.text(self._tokens(turn.text) + [self.special.pad], supervised=True)
+                # A plain document (interleaved ones hold images): loss on its text and its end, not on images.
+                if IMAGE_PLACEHOLDER in turn.text or VIDEO_PLACEHOLDER in turn.text:
+                    media_and_text(turn.text, supervised=True)
+                    builder.text([self.special.pad], supervised=True)
+                else:
+                    builder.text(self._tokens(turn.text) + [self.special.pad], supervised=True)
                 continue
             if turn.role not in self._role_header:
                 raise ValueError(f"sample {sample.key}: unknown turn role {turn.role!r}")
@@ -240,34 +273,11 @@ class Encoder:
             if turn.role == "assistant":
                 builder.text(self._tokens(turn.text) + [self.special.im_end], supervised=True)
             else:
-                for part in _PLACEHOLDERS.split(turn.text):
-                    if part == IMAGE_PLACEHOLDER:
-                        pixel_values, grid, keep, positions = next(image_items)
-                        builder.text([self.special.vision_start])
-                        builder.image(self.special.image_pad, grid, merge, keep)
-                        builder.text([self.special.vision_end])
-                        patches.append(pixel_values)
-                        grids.append(grid)
-                        patch_positions.append(positions)
-                    elif part == VIDEO_PLACEHOLDER:
-                        # Video tokens are image pads too: the model fills every pad with the next vision
-                        # embedding in grid order, and the positions (the only place time enters) are set here.
-                        pixel_values, grid, second_per_grid_t, keep, positions = next(video_items)
-                        builder.text([self.special.vision_start])
-                        builder.video(
-                            self.special.image_pad, grid, merge, second_per_grid_t, self.spec.tokens_per_second, keep
-                        )
-                        builder.text([self.special.vision_end])
-                        patches.append(pixel_values)
-                        grids.append(grid)
-                        patch_positions.append(positions)
-                        video_tokens.append(pixel_values.shape[0] // merge**2)
-                    elif part:
-                        builder.text(self._tokens(part))
+                media_and_text(turn.text, supervised=False)
                 builder.text([self.special.im_end])
             builder.text(self._newline)
         if next(image_items, None) is not None or next(video_items, None) is not None:
-            raise SkipSample("bad_conversation", "an image or video placeholder outside a user or system turn")
+            raise SkipSample("bad_conversation", "an image or video placeholder outside a user, system or text turn")
         if for_generation:
             builder.text([self.special.im_start] + self._role_header["assistant"])
         if videos:  # one row width per sample: images' one-frame rows repeated over t, as the model would

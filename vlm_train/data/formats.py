@@ -120,6 +120,8 @@ def _members(raw: dict[str, Any]) -> list[str]:
 
 def detect_format(raw: dict[str, Any], record: dict | None) -> str:
     """The format a sample's members imply (for sources with format: auto)."""
+    if record is not None and isinstance(record.get("texts"), list) and isinstance(record.get("images"), list):
+        return "interleaved"  # OBELICS / MMC4 documents, see interleaved.py
     if record is not None and "conversations" in record:
         return "conversation"
     if record is not None and (record.get("task") == "grounding" or {"box", "boxes", "point", "points"} & set(record)):
@@ -359,6 +361,10 @@ def parse_sample(
         sample = _grounding(key, source, raw, record, max_image_pixels)
     elif fmt == "text":
         sample = _text(key, source, raw, record)
+    elif fmt == "interleaved":
+        from vlm_train.data.interleaved import parse_interleaved  # it builds on this module's Sample and Turn
+
+        sample = parse_interleaved(key, source, raw, record, max_image_pixels)
     else:
         raise ValueError(f"unknown sample format {fmt!r}")
     sample.meta = {**numeric_fields(record), **label_list(record), **sample.meta}  # our own keys win over the JSON's

@@ -16,7 +16,8 @@ from vlm_train.data.tar_reader import ShardError, check_url, iter_shard
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "caption", "conversation", "grounding", "text")  # decoded from raw members (formats.py)
+# decoded from raw members (formats.py; interleaved.py)
+FORMATS = ("auto", "caption", "conversation", "grounding", "text", "interleaved")
 SOURCE_FORMATS = (*FORMATS, HIDDEN_STATES)  # and stored hidden states, already encoded (offline draft training)
 
 

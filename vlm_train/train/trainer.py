@@ -183,7 +183,8 @@ class Trainer:
         wanted = eval_cfg.enabled or eval_cfg.interval > 0 or eval_cfg.at_stage_end
         if not (wanted and self.setup.heldout_urls):
             return None
-        return HeldoutEvaluator.from_setup(self.setup, eval_cfg, self.cfg.data.image.max_decode_pixels)
+        data = self.cfg.data  # held-out videos are sampled as the training videos are (data.video)
+        return HeldoutEvaluator.from_setup(self.setup, eval_cfg, data.image.max_decode_pixels, data.video)
 
     def _make_vision_evaluator(self) -> VisionEvaluator | None:
         if not self.setup.heldout_urls:

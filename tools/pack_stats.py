@@ -158,7 +158,8 @@ def shard_items(args: argparse.Namespace, budget: Budget) -> Iterator[tuple[Item
     cfg = PackConfig(budget.tokens, budget.patches, budget.images, args.buffer, args.too_long)
     checker = Packer(cfg, special=encoder.special)
     urls = [url for pattern in args.shards for url in expand_urls(pattern)]
-    samples = iter_samples(urls, "shards", data.image.max_decode_pixels, args.format)
+    factor = encoder.spec.patch_size * encoder.spec.merge_size
+    samples = iter_samples(urls, "shards", data.image.max_decode_pixels, args.format, video=data.video, factor=factor)
     for _ in range(args.max_samples or sys.maxsize):
         start = time.perf_counter()
         sample = next(samples, None)
@@ -211,6 +212,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     source.add_argument("--make-mix", metavar="FILE", help="write a realistic mix of sizes (see tools/pack_mix.py)")
     parser.add_argument("--samples", type=int, default=100_000, help="samples for --make-mix")
     parser.add_argument("--seed", type=int, default=0, help="seed for --make-mix")
+    parser.add_argument("--video-share", type=float, default=0.0, help="share of video samples in --make-mix")
     parser.add_argument("--llm-budget", type=int, default=8192)
     parser.add_argument("--vit-budget", type=int, default=32768)
     parser.add_argument("--max-images", type=int, default=0, help="images per pack (0: no limit)")
@@ -232,8 +234,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_mix:
-        write_mix(args.make_mix, args.samples, args.seed)
-        print(dumps({"wrote": args.make_mix, "samples": args.samples, "seed": args.seed}))
+        write_mix(args.make_mix, args.samples, args.seed, args.video_share)
+        print(dumps({"wrote": args.make_mix, "samples": args.samples, "seed": args.seed, "video": args.video_share}))
         return 0
     try:
         budget = Budget(args.llm_budget, args.vit_budget, args.max_images)

@@ -106,7 +106,11 @@ def encoded_samples(
             for raw in iter_shard(url):
                 key = restore_key(source.name, 0, raw)
                 try:
-                    sample = parse_sample(raw, source.name, data.image.max_decode_pixels, source.format)
+                    spec = encoder.spec
+                    factor = spec.patch_size * spec.merge_size
+                    sample = parse_sample(
+                        raw, source.name, data.image.max_decode_pixels, source.format, video=data.video, factor=factor
+                    )
                     encoded = packer.check(encoder.encode(sample, rng=sample_rng(seed, key)))
                 except SkipSample as exc:
                     skipped[exc.reason] += 1

@@ -255,3 +255,26 @@ def test_a_long_document_is_split_between_entries_into_parts_that_fit():
     patches = Budget(tokens=10_000, patches=whole.num_patches // 2)
     assert all(encoder.encode(p).num_patches <= patches.patches for p in split_document(sample, encoder, patches))
     assert split_document(sample, encoder, Budget(10_000, 10_000)) == [sample]
+
+
+# ---- figures tools -------------------------------------------------------------------------------------------------
+
+
+def test_bench_loader_video_mode_reports_clip_throughput():
+    from tools.bench_loader import main
+
+    result = main(["--video", "--samples", "1", "--clip-seconds", "1", "--clip-width", "112", "--clip-height", "64"])
+    assert result["clips"] == 1 and result["sampled_frames_per_clip"] == 4  # min_frames for a 1 s clip at 2 fps
+    assert result["samples_per_s_one_core"] > 0 and result["patches_per_clip"] > 0
+
+
+def test_the_mix_with_videos_holds_the_share_and_video_grids():
+    from tools.pack_mix import MixShares, make_mix
+
+    records = make_mix(2000, seed=0, shares=MixShares(0.45, 0.315, 0.135, 0.1))
+    videos = [r for r in records if r["kind"] == "video"]
+    assert 150 < len(videos) < 250
+    for r in videos:
+        (t, h, w) = r["grids"][0]
+        assert t >= 2 and r["vit_patches"] == t * h * w and r["llm_tokens"] > r["vit_patches"] // 4
+    assert make_mix(50, seed=0) == make_mix(50, seed=0, shares=MixShares())  # no videos: the mix is unchanged

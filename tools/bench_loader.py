@@ -6,6 +6,11 @@ machine's load average before and after (other processes on the cores make the f
 
     OMP_NUM_THREADS=1 python tools/bench_loader.py --samples 1000 --workers 0
     OMP_NUM_THREADS=1 python tools/bench_loader.py --samples 1000 --workers 0 --resize torch
+
+--video times one core on video instead: decode (PyAV, only the sampled frames converted) + sample + resize, then
+patchify, on H.264 clips written with PyAV (default 10 s of 640x360 at 30 fps, moving shapes over a gradient):
+
+    OMP_NUM_THREADS=1 python tools/bench_loader.py --video --samples 8
 """
 
 from __future__ import annotations
@@ -121,6 +126,77 @@ def _stages(urls: list[str], encoder: Encoder, cfg: DataConfig, limit: int) -> d
     return result
 
 
+def write_clip(path: str, seconds: float, width: int, height: int, fps: int, seed: int) -> None:
+    """An H.264 clip (yuv420p, CRF 23 as libx264's default) of a drifting gradient with moving discs."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    discs = rng.uniform(0, 1, (5, 5))  # x, y, vx, vy, colour seed per disc
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(int(seconds * fps)):
+            phase = i / fps
+            base = np.stack([np.sin(x / 60 + phase + c) * np.cos(y / 45 - phase) for c in range(3)], -1)
+            pixels = (127 + 90 * base + rng.normal(0, 4, (height, width, 3))).clip(0, 255).astype(np.uint8)
+            for cx, cy, vx, vy, colour in discs:
+                px, py = int((cx + vx * phase / 10) % 1 * width), int((cy + vy * phase / 10) % 1 * height)
+                pixels[max(0, py - 30) : py + 30, max(0, px - 30) : px + 30] = int(colour * 255)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def bench_video(args: argparse.Namespace) -> dict:
+    """One core: decode + sample + resize (decode_video), then patchify (video_to_patches), per clip."""
+    from vlm_train.data.video import VideoConfig, decode_video
+    from vlm_train.data.video_patches import video_to_patches
+
+    spec = PatchSpec()
+    cfg = VideoConfig()
+    with tempfile.TemporaryDirectory(prefix="bench_video-") as folder:
+        clips = []
+        for i in range(args.samples):
+            path = os.path.join(folder, f"{i}.mp4")
+            write_clip(path, args.clip_seconds, args.clip_width, args.clip_height, args.clip_fps, seed=i)
+            with open(path, "rb") as f:
+                clips.append(f.read())
+    load_before = os.getloadavg()[0]
+    decode = patchify_s = 0.0
+    frames = patches = 0
+    for data in clips:
+        start = time.perf_counter()
+        video = decode_video(data, cfg, spec.factor)
+        middle = time.perf_counter()
+        rows, _ = video_to_patches(video, spec)
+        decode += middle - start
+        patchify_s += time.perf_counter() - middle
+        frames += video.frames.shape[0]
+        patches += rows.shape[0]
+    seconds = decode + patchify_s
+    n = len(clips)
+    source_frames = n * int(args.clip_seconds * args.clip_fps)
+    return {
+        "mode": "video",
+        "clips": n,
+        "clip": f"{args.clip_seconds:g} s {args.clip_width}x{args.clip_height} H.264 {args.clip_fps} fps",
+        "mean_clip_kb": round(sum(len(c) for c in clips) / n / 1024, 1),
+        "sampled_frames_per_clip": frames / n,
+        "frame_size": list(video.frames.shape[1:3]),
+        "patches_per_clip": patches / n,
+        "samples_per_s_one_core": round(n / seconds, 2),
+        "sampled_frames_per_s_one_core": round(frames / seconds, 1),
+        "source_frames_per_s_one_core": round(source_frames / seconds, 1),
+        "decode_sample_resize_ms_per_clip": round(1000 * decode / n, 1),
+        "patchify_ms_per_clip": round(1000 * patchify_s / n, 1),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "cpus": os.cpu_count(),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1000, help="samples written (and read once)")
@@ -139,7 +215,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--tokenizer", default="tiny", help="'tiny' or a local Hugging Face tokenizer folder")
     parser.add_argument("--dir", default="", help="shard folder to reuse or fill (default: a temporary one)")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage timings")
+    parser.add_argument("--video", action="store_true", help="time video decode + sample + patchify on one core")
+    parser.add_argument("--clip-seconds", type=float, default=10.0, help="--video: clip length")
+    parser.add_argument("--clip-width", type=int, default=640, help="--video: clip width")
+    parser.add_argument("--clip-height", type=int, default=360, help="--video: clip height")
+    parser.add_argument("--clip-fps", type=int, default=30, help="--video: clip frame rate")
     args = parser.parse_args(argv)
+    if args.video:
+        result = bench_video(args)
+        print(dumps(result, indent=2))
+        return result
 
     with tempfile.TemporaryDirectory(prefix="bench_loader-") as tmp:
         folder = args.dir or tmp

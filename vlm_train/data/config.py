@@ -9,6 +9,7 @@ from omegaconf import MISSING
 from vlm_train.data.image import ImageSampling
 from vlm_train.data.packer import PackConfig
 from vlm_train.data.synthetic import SyntheticConfig
+from vlm_train.data.synthetic_video import SyntheticVideoConfig
 from vlm_train.data.video import VideoConfig
 
 
@@ -61,6 +62,10 @@ class DataConfig:
     heldout_urls: str = ""  # shards for held-out evaluation
     use_synthetic: bool = False  # add the built-in synthetic shapes dataset (made once, then cached)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # add the built-in synthetic video dataset (shapes moving left/right/up/down; made once, then cached); the tiny
+    # tokenizer then also learns its words ("moving", "left", ...)
+    use_synthetic_video: bool = False
+    synthetic_video: SyntheticVideoConfig = field(default_factory=SyntheticVideoConfig)
     tokenizer: str = "tiny"  # 'tiny' (built in) or a local Hugging Face tokenizer folder
     system_prompt: str = ""  # a system turn before every conversation (Qwen2-VL's template uses one)
     image: ImageConfig = field(default_factory=ImageConfig)

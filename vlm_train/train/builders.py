@@ -15,6 +15,7 @@ from vlm_train.data.image import PatchSpec
 from vlm_train.data.loader import PackedStream, Source, expand_urls
 from vlm_train.data.pack_cost import FlopsCost
 from vlm_train.data.synthetic import corpus_lines, ensure_synthetic_shards
+from vlm_train.data.synthetic_video import ensure_synthetic_video_shards, video_corpus_lines
 from vlm_train.data.tokenizer import load_tokenizer
 from vlm_train.model.config import ModelConfig
 from vlm_train.model.draft import Eagle3Draft, attach_draft
@@ -58,15 +59,26 @@ def build_data(data: DataConfig, model: ModelConfig) -> DataSetup:
         sources.append(Source("shapes_caption", shards.caption_urls, data.synthetic.caption_weight))
         sources.append(Source("shapes_grounding", shards.grounding_urls, data.synthetic.grounding_weight))
         heldout = heldout or shards.heldout_urls
+    if data.use_synthetic_video:
+        clips = ensure_synthetic_video_shards(data.synthetic_video)
+        sources.append(Source("shapes_video_caption", clips.caption_urls, 1.0))
+        # With both built-in sets, the image set's held-out shards are scored (data.heldout_urls can name others).
+        heldout = heldout or clips.heldout_urls
     for source in sources:
         missing = [u for u in source.urls if "://" not in u and not os.path.exists(u)]
         if missing:
             raise FileNotFoundError(
                 f"data source {source.name!r}: {len(missing)} shard(s) not found, e.g. {missing[0]}"
             )
-    tokenizer = load_tokenizer(data.tokenizer, corpus=corpus_lines())
+    tokenizer = load_tokenizer(data.tokenizer, corpus=tokenizer_corpus(data))
     cost = flops_cost(model, vocab_size=model.llm.vocab_size or len(tokenizer))
     return DataSetup(tokenizer, build_encoder(tokenizer, data, model), sources, heldout, cost)
+
+
+def tokenizer_corpus(data: DataConfig) -> list[str]:
+    """The text the tiny tokenizer is built from: the image set's corpus, plus the video captions' words when the
+    video set is used (so a run without it keeps exactly the tokenizer it always had)."""
+    return video_corpus_lines() if data.use_synthetic_video else corpus_lines()
 
 
 def build_encoder(tokenizer: PreTrainedTokenizerBase, data: DataConfig, model: ModelConfig) -> Encoder:

@@ -1,0 +1,251 @@
+"""The built-in synthetic video set: real H.264 clips of shapes moving left, right, up or down, cached like the
+image set, with captions the video shard format reads, and a tokenizer that changes only for runs that use it."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import random
+import re
+
+import av
+import numpy as np
+import pytest
+import webdataset as wds
+
+from vlm_train.data import synthetic_video as sv
+from vlm_train.data.config import DataConfig
+from vlm_train.data.formats import VIDEO_PLACEHOLDER, parse_sample
+from vlm_train.data.synthetic import COLOURS, SHAPES, corpus_lines
+from vlm_train.data.synthetic_video import (
+    DIRECTIONS,
+    SyntheticVideoConfig,
+    caption_objects,
+    caption_text,
+    ensure_synthetic_video_shards,
+    parse_caption,
+    render_clip,
+)
+from vlm_train.data.tokenizer import load_tokenizer
+from vlm_train.data.video import VideoConfig, decode_video
+from vlm_train.train.builders import tokenizer_corpus
+from vlm_train.train.caption_attributes import attribute_scores
+
+from conftest import make_config
+
+SMALL = dict(num_train_clips=40, num_heldout_clips=12, clips_per_shard=16)
+# data.video as conf/data/synthetic_video.yaml sets it: every frame at its own size.
+KEEP_ALL = VideoConfig(fps=8, min_frames=4, min_pixels=56 * 56, max_pixels=84 * 84)
+FACTOR = 28  # patch_size * merge_size of the tiny model
+TOLERANCE = 32  # per-channel distance to a shape's colour: under half the distance between any two colours
+
+
+def small_cfg(tmp_path, **overrides) -> SyntheticVideoConfig:
+    return SyntheticVideoConfig(cache_dir=str(tmp_path), **{**SMALL, **overrides})
+
+
+def read_samples(urls):
+    return list(wds.WebDataset(urls, shardshuffle=False))
+
+
+def centroids(frames: np.ndarray, colour: str) -> np.ndarray:
+    """(x, y) centre of the pixels near `colour` on each frame: [T, 2]."""
+    near = np.abs(frames.astype(int) - np.array(COLOURS[colour])).max(axis=-1) <= TOLERANCE
+    assert near.reshape(len(frames), -1).sum(axis=1).min() >= 8, f"{colour} shape lost in the decoded frames"
+    return np.array([[xs.mean(), ys.mean()] for ys, xs in (np.nonzero(m) for m in near)])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return ensure_synthetic_video_shards(small_cfg(tmp_path_factory.mktemp("cache")))
+
+
+def test_layout_members_and_real_h264(shards):
+    assert [os.path.basename(u) for u in shards.caption_urls] == [f"train-00000{i}.tar" for i in range(3)]
+    assert [os.path.basename(u) for u in shards.heldout_urls] == ["heldout-000000.tar"]
+    assert os.path.basename(shards.dir).startswith("synthetic-video-")
+    samples = read_samples(shards.caption_urls)
+    assert len(samples) == SMALL["num_train_clips"]
+    for sample in samples:
+        assert re.fullmatch(r"train\d{6}", sample["__key__"])
+        assert set(sample) - {"__key__", "__url__", "__local_path__"} == {"mp4", "txt", "json"}
+        with av.open(io.BytesIO(sample["mp4"])) as container:
+            stream = container.streams.video[0]
+            assert container.format.name.startswith("mov,mp4") and stream.codec_context.name == "h264"
+            assert stream.codec_context.pix_fmt == "yuv420p" and (stream.width, stream.height) == (84, 84)
+
+
+def test_clips_decode_to_every_frame_and_shapes_move_as_captioned(shards):
+    """Decoded as training decodes them, every clip keeps its 8 frames at 84 x 84, and each shape whose colour is
+    its own moves in the captioned direction at its speed on every frame (the colour's centroid, measured)."""
+    checked = 0
+    for sample in read_samples(shards.caption_urls + shards.heldout_urls):
+        video = decode_video(sample["mp4"], KEEP_ALL, FACTOR)
+        assert video.frames.shape == (8, 84, 84, 3) and video.sample_fps == pytest.approx(8.0)
+        meta = json.loads(sample["json"])
+        objects = meta["objects"]
+        assert meta["clip"] == {"width": 84, "height": 84, "frames": 8, "fps": 8}
+        colours = [o["colour"] for o in objects]
+        for obj in objects:
+            if colours.count(obj["colour"]) > 1:
+                continue  # two shapes of one colour: their pixels cannot be told apart by colour
+            path = centroids(video.frames, obj["colour"])
+            steps = np.diff(path, axis=0)  # [T-1, 2]: (dx, dy) per frame
+            expected = np.array(DIRECTIONS[obj["direction"]]) * obj["speed"]
+            # yuv420p keeps colour at 2-px resolution: a step of 3 px reads as 2 or 4, a path of 21 px as 20 or 22.
+            assert np.abs(steps - expected).max() <= 1.5, (sample["txt"], steps)
+            assert np.abs(path[-1] - path[0] - expected * (len(path) - 1)).max() <= 1.5, (sample["txt"], path)
+            checked += 1
+    assert checked >= 40
+
+
+def test_captions_attributes_and_order_agree(shards):
+    seen = set()
+    for sample in read_samples(shards.caption_urls + shards.heldout_urls):
+        caption = sample["txt"].decode()
+        objects = json.loads(sample["json"])["objects"]
+        assert caption == caption_text(objects)
+        assert parse_caption(caption) == [{k: o[k] for k in ("colour", "shape", "direction")} for o in objects]
+        assert 1 <= len(objects) <= 2 and len({(o["colour"], o["shape"]) for o in objects}) == len(objects)
+        centres = [o["start"][0] + o["side"] / 2 for o in objects]
+        assert centres == sorted(centres)  # left to right, as the caption names them
+        seen.update(o["direction"] for o in objects)
+    assert seen == set(DIRECTIONS)
+
+
+def test_render_keeps_shapes_inside_apart_and_ordered():
+    cfg = SyntheticVideoConfig()
+    rng = random.Random(7)
+    counts = {1: 0, 2: 0}
+    for _ in range(300):
+        frames, objects = render_clip(rng, cfg)
+        assert len(frames) == cfg.frames and frames[0].shape == (cfg.height, cfg.width, 3)
+        counts[len(objects)] += 1
+        for obj in objects:
+            assert cfg.min_object_px <= obj["side"] <= cfg.max_object_px
+            assert cfg.min_speed <= obj["speed"] <= cfg.max_speed
+            x0, y0, x1, y1 = sv._swept_box(obj, cfg.frames)
+            assert x0 >= sv.MARGIN_PX and y0 >= sv.MARGIN_PX
+            assert x1 <= cfg.width - sv.MARGIN_PX and y1 <= cfg.height - sv.MARGIN_PX
+        if len(objects) == 2:
+            a, b = objects
+            for t in (0, cfg.frames - 1):  # the same left-to-right order, clearly apart, first to last frame
+                assert sv._centre_x(b, t) - sv._centre_x(a, t) >= sv.MIN_ORDER_GAP_PX
+    assert min(counts.values()) > 100  # both one- and two-shape clips are common
+
+
+def test_shards_parse_as_video_caption_samples(shards):
+    """The shard layout is the video caption format: one <video> and the caption as the answer."""
+    raw = read_samples(shards.heldout_urls)[0]
+    sample = parse_sample(raw, "shapes_video", 10**8, video=KEEP_ALL, factor=FACTOR)
+    assert sample.task == "caption" and not sample.images and len(sample.videos) == 1
+    assert sample.turns[0].text.startswith(VIDEO_PLACEHOLDER) and sample.turns[1].text == raw["txt"].decode()
+    assert sample.meta["answer"] == raw["txt"].decode() and sample.videos[0].frames.shape == (8, 84, 84, 3)
+
+
+def test_second_call_reuses_cache(tmp_path, monkeypatch):
+    first = ensure_synthetic_video_shards(small_cfg(tmp_path, num_train_clips=6, num_heldout_clips=2))
+    stamps = {p: os.stat(os.path.join(first.dir, p)).st_mtime_ns for p in os.listdir(first.dir)}
+
+    def fail(*args, **kwargs):
+        raise AssertionError("cache was rewritten")
+
+    monkeypatch.setattr(sv, "_write_split", fail)
+    second = ensure_synthetic_video_shards(small_cfg(tmp_path, num_train_clips=6, num_heldout_clips=2))
+    assert second == first
+    assert {p: os.stat(os.path.join(first.dir, p)).st_mtime_ns for p in os.listdir(first.dir)} == stamps
+    assert os.listdir(tmp_path) == [os.path.basename(first.dir)]  # no temp folders left behind
+    # a different config is a different folder; where the cache is is not part of what it is
+    cfg = small_cfg(tmp_path)
+    assert sv.dataset_dir(dataclasses.replace(cfg, seed=1)) != sv.dataset_dir(cfg)
+    moved = sv.dataset_dir(dataclasses.replace(cfg, cache_dir="/elsewhere"))
+    assert os.path.basename(moved) == os.path.basename(sv.dataset_dir(cfg))
+
+
+def test_same_seed_gives_identical_bytes(tmp_path):
+    a = ensure_synthetic_video_shards(small_cfg(tmp_path / "a", num_train_clips=5, num_heldout_clips=2))
+    b = ensure_synthetic_video_shards(small_cfg(tmp_path / "b", num_train_clips=5, num_heldout_clips=2))
+    for ua, ub in zip(a.caption_urls + a.heldout_urls, b.caption_urls + b.heldout_urls, strict=True):
+        with open(ua, "rb") as fa, open(ub, "rb") as fb:
+            assert fa.read() == fb.read()
+
+
+def test_heldout_split_is_disjoint_from_train(shards):
+    train = read_samples(shards.caption_urls)
+    heldout = read_samples(shards.heldout_urls)
+    assert len(heldout) == SMALL["num_heldout_clips"]
+    assert {s["__key__"] for s in train}.isdisjoint(s["__key__"] for s in heldout)
+    assert {s["mp4"] for s in train}.isdisjoint(s["mp4"] for s in heldout)
+    # nor the same clip drawn again: same shapes, directions, speeds and starts
+    assert {s["json"] for s in train}.isdisjoint(s["json"] for s in heldout)
+
+
+def test_bad_configs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="even"):
+        ensure_synthetic_video_shards(small_cfg(tmp_path, width=85))
+    with pytest.raises(ValueError, match="needs 68 px"):
+        ensure_synthetic_video_shards(small_cfg(tmp_path, width=56, height=56, max_object_px=36))
+
+
+def test_default_tokenizer_is_unchanged_and_the_video_one_knows_motion():
+    """The default data config builds its tokenizer from exactly the image set's corpus, as before this set
+    existed; data=synthetic_video adds the video words (one token each) and keeps every image caption's tokens."""
+    before = load_tokenizer("tiny", corpus=corpus_lines())
+    default = make_config().data
+    assert not default.use_synthetic_video and not DataConfig().use_synthetic_video
+    assert tokenizer_corpus(default) == corpus_lines()
+    after = load_tokenizer("tiny", corpus=tokenizer_corpus(default))
+    assert len(after) == len(before) and after.get_vocab() == before.get_vocab()
+
+    video = make_config("data=synthetic_video").data
+    assert video.use_synthetic_video and not video.use_synthetic
+    tokenizer = load_tokenizer("tiny", corpus=tokenizer_corpus(video))
+    assert len(tokenizer) > len(before)
+    for word in ("moving", "left", "right", "up", "down"):
+        assert len(tokenizer.tokenize(" " + word)) == 1, word
+    words = "a red square moving left and an orange cross moving down".split()
+    assert tokenizer.tokenize(" ".join(words)) == [words[0]] + ["Ġ" + w for w in words[1:]]
+
+
+def test_video_preset_keeps_every_frame_at_its_size():
+    data = make_config("data=synthetic_video").data
+    clip = data.synthetic_video
+    assert data.video.fps == clip.fps and clip.frames >= data.video.min_frames
+    assert data.video.min_pixels <= clip.width * clip.height <= data.video.max_pixels
+    assert clip.width % FACTOR == 0 and clip.height % FACTOR == 0
+
+
+def test_caption_parsing_and_attribute_scores():
+    assert caption_objects("a red square moving left and a blue ring") == [
+        {"colour": "red", "shape": "square", "direction": "left"},
+        {"colour": "blue", "shape": "ring"},
+    ]
+    assert parse_caption("a red square moving left and a blue ring") is None  # half moving: neither set's caption
+    assert parse_caption("an orange cross") == [{"colour": "orange", "shape": "cross"}]  # the image set's
+    assert parse_caption("a red square car") is None and parse_caption("hello") is None
+    pairs = [
+        ("a red square moving left and a blue ring moving up", "a red square moving right and a blue ring moving up"),
+        ("an orange cross moving down", "an orange cross moving down and a red ring moving up"),
+        ("a green triangle moving up", "a green"),  # garbled: nothing right
+        ("a photo of a dog", "a red square"),  # not a synthetic caption: not scored
+    ]
+    scores = attribute_scores(pairs)
+    assert scores["heldout_colour_acc"] == pytest.approx(3 / 4) and scores["heldout_colour_acc_n"] == 4
+    assert scores["heldout_shape_acc"] == pytest.approx(3 / 4)
+    assert scores["heldout_direction_acc"] == pytest.approx(2 / 4)
+    assert scores["heldout_object_count_acc"] == pytest.approx(1 / 3) and scores["heldout_object_count_acc_n"] == 3
+    image_only = attribute_scores([("a red ring and a blue cross", "a red ring and a blue square")])
+    assert image_only["heldout_shape_acc"] == 0.5 and "heldout_direction_acc" not in image_only
+    assert attribute_scores([("a photo of a dog", "a dog")]) == {}
+
+
+def test_every_colour_shape_and_direction_can_be_drawn():
+    """Captions cover the image set's colours and shapes, each in all four directions."""
+    cfg = SyntheticVideoConfig()
+    rng = random.Random(1)
+    seen = set()
+    for _ in range(2000):
+        seen.update((o["colour"], o["shape"], o["direction"]) for o in render_clip(rng, cfg)[1])
+    assert len(seen) == len(COLOURS) * len(SHAPES) * len(DIRECTIONS)

@@ -36,9 +36,9 @@ def attribute_scores(pairs: Iterable[tuple[str, str]]) -> dict[str, float]:
                 right[attribute] += i < len(generated) and generated[i].get(attribute) == value
     if not captions:
         return {}
-    scores = {"heldout_object_count_acc": counts_right / captions, "heldout_object_count_acc_n": float(captions)}
+    scores = {"heldout_object_count_acc": counts_right / captions, "heldout_object_count_acc_n": captions}
     for attribute in ATTRIBUTES:
         if total[attribute]:
             scores[f"heldout_{attribute}_acc"] = right[attribute] / total[attribute]
-            scores[f"heldout_{attribute}_acc_n"] = float(total[attribute])
+            scores[f"heldout_{attribute}_acc_n"] = total[attribute]
     return scores

@@ -36,6 +36,7 @@ from vlm_train.jsonio import dumps
 from vlm_train.model.generate import greedy_generate
 from vlm_train.model.vlm import VLM
 from vlm_train.train import loss as L
+from vlm_train.train.caption_attributes import ATTRIBUTES, attribute_scores
 from vlm_train.train.config import EvalConfig
 
 DEFAULT_SET = "heldout"
@@ -165,12 +166,14 @@ def predict(
 
 
 def score(predictions: list[Prediction]) -> dict[str, float | None]:
-    """heldout_exact_match over caption samples and heldout_grounding_acc over grounding samples (None: none)."""
+    """heldout_exact_match over caption samples and heldout_grounding_acc over grounding samples (None: none);
+    for captions of the built-in synthetic sets, also per-attribute accuracies (colour, shape, direction, count)."""
     result: dict[str, float | None] = {}
     for task, name in SCORES:
         scored = [p.correct for p in predictions if p.task == task]
         result[name] = sum(scored) / len(scored) if scored else None
         result[f"{name}_n"] = len(scored)
+    result.update(attribute_scores((p.expected, p.generated) for p in predictions if p.task == "caption"))
     return result
 
 
@@ -273,12 +276,20 @@ def print_report(result: HeldoutResult, show_examples: int) -> None:
     print("\nHeld-out examples:")
     for p in shown:
         mark = "ok " if p.correct else "MISS"
-        print(f"  [{mark}] {p.task:9s} image {p.image:12s} | prompt: {p.prompt.replace('<image>', '')!r}")
+        prompt = p.prompt.replace("<image>", "").replace("<video>", "")
+        print(f"  [{mark}] {p.task:9s} image {p.image:12s} | prompt: {prompt!r}")
         print(f"         expected: {p.expected!r}\n         generated: {p.generated!r}")
     m = result.metrics
     print(
         f"Held-out score: caption exact match {_figure(m.get('heldout_exact_match'))} "
         f"({m.get('heldout_exact_match_n', 0)} samples), grounding IoU>=0.5 accuracy "
         f"{_figure(m.get('heldout_grounding_acc'))} ({m.get('heldout_grounding_acc_n', 0)} samples), loss "
-        f"{_figure(m.get('heldout_loss'))}, in {result.seconds:.1f}s\n"
+        f"{_figure(m.get('heldout_loss'))}, in {result.seconds:.1f}s"
     )
+    per_object = [f"{a} {_figure(m[f'heldout_{a}_acc'])}" for a in ATTRIBUTES if f"heldout_{a}_acc" in m]
+    if per_object:  # captions of the built-in synthetic sets
+        print(
+            f"Per object (left to right): {', '.join(per_object)}; "
+            f"object count {_figure(m.get('heldout_object_count_acc'))}"
+        )
+    print()

@@ -13,7 +13,7 @@ import torch
 from vlm_train.data.collate import collate
 from vlm_train.data.encode import Encoder
 from vlm_train.data.formats import VIDEO_PLACEHOLDER, Sample, Turn
-from vlm_train.data.image import ImageSampling
+from vlm_train.data.image import ImageSampling, kept_windows
 from vlm_train.data.pack_planner import Budget
 from vlm_train.data.truncate import image_runs
 from vlm_train.data.video import Video
@@ -143,7 +143,11 @@ def test_token_drop_removes_video_windows_and_their_pad_tokens():
     # The keep mask read back from the stacked patch positions names the same windows in t*h*w order.
     batch = collate([encoded], image_token_id=encoder.special.image_pad)
     keep = pack_keep(batch, SPEC.merge_size)
-    assert keep.shape == (24,) and int(keep.sum()) == 12
+    draws = np.random.default_rng(0)  # the encoder's draws: drop or not, the rate, then the windows
+    draws.random(), draws.uniform(0.5, 0.5)
+    expected = kept_windows(24, 0.5, draws)
+    assert keep.shape == (24,) and torch.nonzero(keep).flatten().tolist() == expected.tolist()
+    assert {int(i) // 6 for i in expected} != {0}  # windows of later temporal patches are kept too (t is read back)
 
 
 def test_the_model_runs_a_pack_with_dropped_video_windows():
@@ -278,3 +282,26 @@ def test_the_mix_with_videos_holds_the_share_and_video_grids():
         (t, h, w) = r["grids"][0]
         assert t >= 2 and r["vit_patches"] == t * h * w and r["llm_tokens"] > r["vit_patches"] // 4
     assert make_mix(50, seed=0) == make_mix(50, seed=0, shares=MixShares())  # no videos: the mix is unchanged
+
+
+def test_a_text_entry_longer_than_a_pack_stands_alone_and_too_long_cuts_it():
+    import json
+
+    from vlm_train.data.formats import parse_sample
+    from vlm_train.data.interleaved import split_document
+    from vlm_train.data.packer import PackConfig, Packer
+
+    long_text = " ".join(["the red circle moves left"] * 80)
+    raw = {
+        "__key__": "doc",
+        "json": json.dumps({"texts": ["a short intro", None, long_text], "images": [None, "x", None]}).encode(),
+        "0.jpg": _jpeg(56, 56, seed=0),
+    }
+    encoder = Encoder(tiny_tokenizer(), SPEC)
+    sample = parse_sample(raw, "web", 10**8)
+    parts = split_document(sample, encoder, Budget(tokens=64, patches=10_000))
+    assert [len(p.images) for p in parts] == [1, 0]  # intro + image, then the long text alone
+    too_long = encoder.encode(parts[1])
+    assert too_long.num_tokens > 64
+    packer = Packer(PackConfig(llm_budget=64, vit_budget=10_000, too_long="truncate"), special=encoder.special)
+    assert packer.check(too_long).num_tokens == 64

@@ -112,7 +112,7 @@ def test_the_stream_counts_thinned_videos():
             self.encoded = encoded
 
         def _encode(self, source, raw):
-            return self.encoded.pop(0)
+            return [self.encoded.pop(0)]
 
     stream = _Stream([long_clip, short_clip])
     stream._step()
@@ -305,3 +305,39 @@ def test_a_text_entry_longer_than_a_pack_stands_alone_and_too_long_cuts_it():
     assert too_long.num_tokens > 64
     packer = Packer(PackConfig(llm_budget=64, vit_budget=10_000, too_long="truncate"), special=encoder.special)
     assert packer.check(too_long).num_tokens == 64
+
+
+def test_the_loader_splits_a_long_document_into_parts_and_resumes_inside_one(tmp_path):
+    """Through real shards and the stream: a document over the token budget reaches the packs as its parts (each
+    within budget, keyed by part), and a state taken while parts wait in the packing buffer resumes exactly."""
+    import webdataset as wds
+
+    from vlm_train.data.config import DataConfig
+    from vlm_train.data.loader import PackedStream
+    from vlm_train.data.sources import Source
+
+    url = str(tmp_path / "docs.tar")
+    with wds.TarWriter(url) as writer:
+        for n in range(6):
+            writer.write({**_document(paragraphs=6, images=4), "__key__": f"doc{n}"})
+    cfg = DataConfig(shuffle_buffer=2)
+    cfg.pack.llm_budget, cfg.pack.vit_budget, cfg.pack.buffer_size = 160, 4096, 3
+
+    def slot():
+        stream = PackedStream(
+            [Source("web", [url], format="interleaved")], Encoder(tiny_tokenizer(), SPEC), cfg, 0, 0, 1
+        )
+        return stream.slot_stream(0, 1)
+
+    first = slot()
+    packs = [first.next_pack() for _ in range(3)]
+    state = first.state_dict()
+    expected = [first.next_pack() for _ in range(4)]
+    keys = [m["restore_key"] for p in packs + expected for m in p.meta]
+    assert {k.get("part") for k in keys} == {0, 1} and all(p.num_tokens <= 160 for p in packs + expected)
+    assert first.skipped == Counter()
+    resumed = slot()
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = resumed.next_pack()
+        assert torch.equal(got.input_ids, want.input_ids) and got.meta == want.meta

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 RESTORE_FIELDS = ("source", "epoch", "url", "index", "offset", "key")
+PART = "part"  # in a restore key: which part of a document split to fit the pack budgets
 
 
 def stable_seed(*parts: Any) -> int:
@@ -60,7 +61,8 @@ def restore_key(source: str, epoch: int, raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def is_restore_key(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == set(RESTORE_FIELDS)
+    """A restore key: exactly its fields, and `part` for one part of a document split into several samples."""
+    return isinstance(value, dict) and set(value) - {PART} == set(RESTORE_FIELDS)
 
 
 def find_restore_keys(tree: Any) -> list[dict[str, Any]]:

@@ -23,9 +23,10 @@ from vlm_train.data.encode import EncodedSample, Encoder
 from vlm_train.data.formats import parse_sample
 from vlm_train.data.hidden_states import FORMAT as HIDDEN_STATES
 from vlm_train.data.hidden_states import read_sample as read_hidden_states
+from vlm_train.data.interleaved import ENTRIES, split_document
 from vlm_train.data.packer import Packer
 from vlm_train.data.sources import Source, SourceReader
-from vlm_train.data.state import find_restore_keys, new_rng, rng_from_state, rng_state, sample_rng
+from vlm_train.data.state import PART, find_restore_keys, new_rng, rng_from_state, rng_state, sample_rng
 from vlm_train.data.tar_reader import fetch_samples
 from vlm_train.data.video_thinning import THINNED, encode_to_fit
 
@@ -94,8 +95,8 @@ class SlotStream:
         raw = self.readers[index].next()
         source = self.sources[index]
         try:
-            encoded = self._encode(source, raw)
-            packs = self.packer.add(encoded)
+            items = self._encode(source, raw)
+            packs = [pack for encoded in items for pack in self.packer.add(encoded)]
         except Exception as exc:  # a bad sample must never stop the run: count it, and give up only on a long run
             reason = exc.reason if isinstance(exc, SkipSample) else "unexpected_error"
             if not isinstance(exc, SkipSample):
@@ -116,28 +117,37 @@ class SlotStream:
                 ) from exc
             return
         self.failures = 0
-        if THINNED in encoded.meta:  # counted here, for new samples only (a restore re-encodes buffered ones)
-            self._count(source.name, THINNED)
+        for encoded in items:  # counted here, for new samples only (a restore re-encodes buffered ones)
+            if THINNED in encoded.meta:
+                self._count(source.name, THINNED)
         self.pending.extend(packs)
 
-    def _encode(self, source: Source, raw: dict[str, Any]) -> EncodedSample:
+    def _encode(self, source: Source, raw: dict[str, Any]) -> list[EncodedSample]:
+        """The packer's items of one raw sample: the sample, or the parts of an interleaved document too long for
+        one pack (cut between its entries; each part's restore key names it by `part`)."""
         key = raw["__restore__"]
         if source.format == HIDDEN_STATES:  # stored already encoded, with the target's hidden states
             encoded = read_hidden_states(raw, source.name, self.encoder.spec.pixel_dim)
-        else:
-            spec = self.encoder.spec
-            sample = parse_sample(
-                raw,
-                source.name,
-                self.cfg.image.max_decode_pixels,
-                source.format,
-                video=self.cfg.video,
-                factor=spec.patch_size * spec.merge_size,
-            )
+            encoded.meta["restore_key"] = key
+            return [encoded]
+        spec = self.encoder.spec
+        sample = parse_sample(
+            raw,
+            source.name,
+            self.cfg.image.max_decode_pixels,
+            source.format,
+            video=self.cfg.video,
+            factor=spec.patch_size * spec.merge_size,
+        )
+        parts = split_document(sample, self.encoder, self.packer.budget) if ENTRIES in sample.meta else [sample]
+        items = []
+        for n, part in enumerate(parts):
+            part_key = key if len(parts) == 1 else {**key, PART: n}
             # Videos over the pack budgets are thinned (fewer, then smaller frames) to fit, not dropped.
-            encoded = encode_to_fit(self.encoder, sample, self.packer.budget, rng=sample_rng(self.seed, key))
-        encoded.meta["restore_key"] = key
-        return encoded
+            encoded = encode_to_fit(self.encoder, part, self.packer.budget, rng=sample_rng(self.seed, part_key))
+            encoded.meta["restore_key"] = part_key
+            items.append(encoded)
+        return items
 
     # ---- state -------------------------------------------------------------------------------------------------
 
@@ -180,8 +190,12 @@ class SlotStream:
         by_name = {s.name: s for s in self.sources}
 
         def resolve(key: dict[str, Any]) -> EncodedSample:
+            whole = {k: v for k, v in key.items() if k != PART}
             try:
-                return self._encode(by_name[key["source"]], {**raws[_ref(key)], "__restore__": key})
+                items = self._encode(by_name[key["source"]], {**raws[_ref(key)], "__restore__": whole})
+                return next(item for item in items if item.meta["restore_key"] == key)
+            except StopIteration:
+                raise ValueError(f"loader state: buffered document part {key} no longer exists") from None
             except SkipSample as exc:
                 raise ValueError(
                     f"loader state: buffered sample {key} no longer encodes ({exc}); "

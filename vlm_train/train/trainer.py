@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vlm_train import runtime
+from vlm_train.data.video_thinning import THINNED
 from vlm_train.devices import pick_device
 from vlm_train.jsonio import dumps
 from vlm_train.model.draft import draft_of
@@ -364,11 +365,14 @@ class Trainer:
         return reason
 
     def _data_skips(self) -> dict[str, int]:
-        """data/skipped/<source>/<reason>, summed over ranks."""
+        """data/skipped/<source>/<reason>, summed over ranks; videos thinned to fit a pack (kept, not skipped, but
+        counted by the same loader counter) as data/video_thinned/<source>."""
         total: dict[str, int] = {}
         for skipped in D.all_gather_object(self.data.skipped()):
             for key, count in skipped.items():
-                total[f"data/skipped/{key}"] = total.get(f"data/skipped/{key}", 0) + count
+                source, _, reason = key.rpartition("/")
+                name = f"data/video_thinned/{source}" if reason == THINNED else f"data/skipped/{key}"
+                total[name] = total.get(name, 0) + count
         return total
 
     def save(self) -> Path:

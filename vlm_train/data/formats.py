@@ -120,8 +120,8 @@ def _members(raw: dict[str, Any]) -> list[str]:
 
 def detect_format(raw: dict[str, Any], record: dict | None) -> str:
     """The format a sample's members imply (for sources with format: auto)."""
-    if record is not None and isinstance(record.get("texts"), list) and isinstance(record.get("images"), list):
-        return "interleaved"  # OBELICS / MMC4 documents, see interleaved.py
+    if is_interleaved(record):
+        return INTERLEAVED  # OBELICS / MMC4 documents
     if record is not None and "conversations" in record:
         return "conversation"
     if record is not None and (record.get("task") == "grounding" or {"box", "boxes", "point", "points"} & set(record)):
@@ -362,10 +362,74 @@ def parse_sample(
     elif fmt == "text":
         sample = _text(key, source, raw, record)
     elif fmt == "interleaved":
-        from vlm_train.data.interleaved import parse_interleaved  # it builds on this module's Sample and Turn
-
         sample = parse_interleaved(key, source, raw, record, max_image_pixels)
     else:
         raise ValueError(f"unknown sample format {fmt!r}")
     sample.meta = {**numeric_fields(record), **label_list(record), **sample.meta}  # our own keys win over the JSON's
     return sample
+
+
+# ---- interleaved documents (OBELICS / MMC4); splitting long ones is interleaved.py's ----------------------
+
+INTERLEAVED = "interleaved"
+ENTRIES = "entries"  # meta key: the document's entries in order, a text (str) or an image's index (int)
+TEXT_SEPARATOR = "\n\n"  # between two text entries; an image sits directly between its vision start and end
+
+
+def is_interleaved(record: dict | None) -> bool:
+    """Whether a sample JSON has the interleaved layout (for format auto)."""
+    return record is not None and isinstance(record.get("texts"), list) and isinstance(record.get("images"), list)
+
+
+def parse_interleaved(key: str, source: str, raw: dict[str, Any], record: dict | None, max_pixels: int) -> Sample:
+    """One document sample from its JSON's `texts` / `images` and the numbered image members."""
+    if not is_interleaved(record):
+        raise SkipSample("bad_interleaved", "an interleaved sample needs a json with lists `texts` and `images`")
+    texts, images = record["texts"], record["images"]
+    if len(texts) != len(images):
+        raise SkipSample("bad_interleaved", f"{len(texts)} texts but {len(images)} images entries")
+    entries: list[str | int] = []
+    decoded: list[Image.Image] = []
+    for index, (text, image) in enumerate(zip(texts, images)):
+        if (text is None) == (image is None):
+            raise SkipSample("bad_interleaved", f"entry {index}: exactly one of text and image must be set")
+        if text is not None:
+            if not isinstance(text, str):
+                raise SkipSample("bad_interleaved", f"entry {index}: text is {type(text).__name__}, not a string")
+            if text.strip():
+                entries.append(text.strip())
+            continue
+        member = _image_member(raw, len(decoded))
+        decoded.append(decode_image(raw[member], max_pixels))
+        entries.append(len(decoded) - 1)
+    if not any(isinstance(e, str) for e in entries):
+        raise SkipSample("empty_text", "an interleaved document without text")
+    return document_sample(key, source, entries, decoded)
+
+
+def _image_member(raw: dict[str, Any], number: int) -> str:
+    for ext in IMAGE_EXTENSIONS:
+        if f"{number}.{ext}" in raw:
+            return f"{number}.{ext}"
+    members = sorted(k for k in raw if not k.startswith("__"))
+    raise SkipSample("missing_image", f"image entry {number} has no member {number}.jpg|png|..., members {members}")
+
+
+def document_sample(key: str, source: str, entries: list[str | int], images: list[Image.Image]) -> Sample:
+    """A "text" sample of these entries; image indices refer to `images` and are renumbered in order."""
+    text, used = "", []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, int):
+            text += IMAGE_PLACEHOLDER
+            used.append(images[entry])
+            continue
+        if i and isinstance(entries[i - 1], str):
+            text += TEXT_SEPARATOR
+        text += entry
+    renumbered, n = [], 0
+    for entry in entries:
+        renumbered.append(n if isinstance(entry, int) else entry)
+        n += isinstance(entry, int)
+    answer = TEXT_SEPARATOR.join(e for e in entries if isinstance(e, str))
+    meta = {ENTRIES: renumbered, "answer": answer, "format": INTERLEAVED}
+    return Sample(key, source, "text", used, [Turn("text", text)], meta)

@@ -1,4 +1,5 @@
-"""Interleaved image-text documents (OBELICS / MMC4 layout) as plain-text samples with their images in place.
+"""Interleaved image-text documents (OBELICS / MMC4 layout): splitting one too long for a pack. Parsing them into
+plain-text samples with their images in place is formats.py's (`parse_interleaved`).
 
 A sample's `json` holds parallel lists `texts` and `images`; at each index exactly one of them is non-null. The k-th
 non-null image entry (k = 0, 1, ...) is the member `k.jpg|jpeg|png|webp`; the JSON's image values (URLs in OBELICS)
@@ -13,80 +14,16 @@ its own part and is left to data.pack.too_long (truncate: cut at its end; drop: 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from PIL import Image
-
-from vlm_train.data.decode import IMAGE_EXTENSIONS, SkipSample, decode_image
-from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
+from vlm_train.data.formats import ENTRIES, TEXT_SEPARATOR, Sample, document_sample
 from vlm_train.data.image import scaled_size
 
 if TYPE_CHECKING:
     from vlm_train.data.encode import Encoder
     from vlm_train.data.pack_planner import Budget
 
-FORMAT = "interleaved"
-ENTRIES = "entries"  # meta key: the document's entries in order, a text (str) or an image's index (int)
-TEXT_SEPARATOR = "\n\n"  # between two text entries; an image sits directly between its vision start and end
-
-
-def is_interleaved(record: dict | None) -> bool:
-    """Whether a sample JSON has the interleaved layout (for format auto)."""
-    return record is not None and isinstance(record.get("texts"), list) and isinstance(record.get("images"), list)
-
-
-def parse_interleaved(key: str, source: str, raw: dict[str, Any], record: dict | None, max_pixels: int) -> Sample:
-    """One document sample from its JSON's `texts` / `images` and the numbered image members."""
-    if not is_interleaved(record):
-        raise SkipSample("bad_interleaved", "an interleaved sample needs a json with lists `texts` and `images`")
-    texts, images = record["texts"], record["images"]
-    if len(texts) != len(images):
-        raise SkipSample("bad_interleaved", f"{len(texts)} texts but {len(images)} images entries")
-    entries: list[str | int] = []
-    decoded: list[Image.Image] = []
-    for index, (text, image) in enumerate(zip(texts, images)):
-        if (text is None) == (image is None):
-            raise SkipSample("bad_interleaved", f"entry {index}: exactly one of text and image must be set")
-        if text is not None:
-            if not isinstance(text, str):
-                raise SkipSample("bad_interleaved", f"entry {index}: text is {type(text).__name__}, not a string")
-            if text.strip():
-                entries.append(text.strip())
-            continue
-        member = _image_member(raw, len(decoded))
-        decoded.append(decode_image(raw[member], max_pixels))
-        entries.append(len(decoded) - 1)
-    if not any(isinstance(e, str) for e in entries):
-        raise SkipSample("empty_text", "an interleaved document without text")
-    return document_sample(key, source, entries, decoded)
-
-
-def _image_member(raw: dict[str, Any], number: int) -> str:
-    for ext in IMAGE_EXTENSIONS:
-        if f"{number}.{ext}" in raw:
-            return f"{number}.{ext}"
-    members = sorted(k for k in raw if not k.startswith("__"))
-    raise SkipSample("missing_image", f"image entry {number} has no member {number}.jpg|png|..., members {members}")
-
-
-def document_sample(key: str, source: str, entries: list[str | int], images: list[Image.Image]) -> Sample:
-    """A "text" sample of these entries; image indices refer to `images` and are renumbered in order."""
-    text, used = "", []
-    for i, entry in enumerate(entries):
-        if isinstance(entry, int):
-            text += IMAGE_PLACEHOLDER
-            used.append(images[entry])
-            continue
-        if i and isinstance(entries[i - 1], str):
-            text += TEXT_SEPARATOR
-        text += entry
-    renumbered, n = [], 0
-    for entry in entries:
-        renumbered.append(n if isinstance(entry, int) else entry)
-        n += isinstance(entry, int)
-    answer = TEXT_SEPARATOR.join(e for e in entries if isinstance(e, str))
-    meta = {ENTRIES: renumbered, "answer": answer, "format": FORMAT}
-    return Sample(key, source, "text", used, [Turn("text", text)], meta)
+__all__ = ["ENTRIES", "entry_costs", "split_document"]
 
 
 def entry_costs(sample: Sample, encoder: Encoder) -> list[tuple[int, int]]:

@@ -35,9 +35,7 @@ only the first layout's figure is meaningful).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
-import multiprocessing
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -47,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlm_train.benchmarking import TimedLayout, bench_patch_spec, run_alone, run_alternating
+from vlm_train.benchmarking import TimedLayout, bench_patch_spec, isolated_peak_memory, run_alone, run_alternating
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.collate import collate
 from vlm_train.data.encode import EncodedSample, Encoder
@@ -392,19 +390,14 @@ def run_mode(cfg: BenchConfig, mode: str) -> dict[str, Any]:
     return run_alone(Layout(cfg, mode), cfg.repeats)
 
 
-def _peak_memory_isolated(cfg: BenchConfig, mode: str) -> float:
-    """A layout's peak RSS growth, measured in a fresh process so the figure is its own (one timed pass)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run_mode, (dataclasses.replace(cfg, repeats=1), mode))["peak_memory_mb"]
-
-
 def compare(cfg: BenchConfig, data: BenchData, isolate: bool) -> dict[str, Any]:
     """Both layouts on the same samples and target features, and their ratios."""
     if pick_device(cfg.device).type == "cuda":  # stable timings, and peaks reset per layout
         results = {mode: run_alone(Layout(cfg, mode, data), cfg.repeats) for mode in MODES}
     else:  # both in this process, their timed passes alternating so both see the same machine load
         make = {mode: functools.partial(Layout, cfg, mode, data) for mode in MODES}
-        results = run_alternating(make, cfg.repeats, functools.partial(_peak_memory_isolated, cfg) if isolate else None)
+        isolated = functools.partial(isolated_peak_memory, run_mode, cfg) if isolate else None
+        results = run_alternating(make, cfg.repeats, isolated)
     packed, padded = results["packed"], results["padded"]
     return {
         "samples": cfg.rows * cfg.steps,

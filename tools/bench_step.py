@@ -22,9 +22,7 @@ process, where only the first layout's figure is meaningful).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
-import multiprocessing
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -36,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.checkpoint import checkpoint
 
-from vlm_train.benchmarking import TimedLayout, bench_patch_spec, run_alone, run_alternating
+from vlm_train.benchmarking import TimedLayout, bench_patch_spec, isolated_peak_memory, run_alone, run_alternating
 from vlm_train.data.batch import IGNORE_INDEX, PackedBatch
 from vlm_train.data.collate import collate
 from vlm_train.data.encode import EncodedSample, Encoder
@@ -269,16 +267,10 @@ def run_mode(cfg: BenchConfig, mode: str, equal: bool) -> dict[str, Any]:
     return run_alone(Layout(cfg, mode, equal), cfg.repeats)
 
 
-def _peak_memory_isolated(cfg: BenchConfig, mode: str, equal: bool) -> float:
-    """A layout's peak RSS growth, measured in a fresh process so the figure is its own (one timed pass)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run_mode, (dataclasses.replace(cfg, repeats=1), mode, equal))["peak_memory_mb"]
-
-
 def _run_alternating(cfg: BenchConfig, equal: bool, isolate: bool) -> dict[str, dict[str, Any]]:
     """CPU: both layouts in this process, their timed passes alternating so both see the same machine load."""
     make = {mode: functools.partial(Layout, cfg, mode, equal) for mode in MODES}
-    isolated = functools.partial(_peak_memory_isolated, cfg, equal=equal) if isolate else None
+    isolated = (lambda mode: isolated_peak_memory(run_mode, cfg, mode, equal)) if isolate else None
     return run_alternating(make, cfg.repeats, isolated)
 
 

@@ -37,10 +37,8 @@ only the first layout's figure is meaningful).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import math
-import multiprocessing
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -53,7 +51,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vlm_train.benchmarking import TimedLayout, bench_patch_spec, run_alone, run_alternating
+from vlm_train.benchmarking import TimedLayout, bench_patch_spec, isolated_peak_memory, run_alone, run_alternating
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.collate import collate
 from vlm_train.data.encode import EncodedSample, Encoder
@@ -329,16 +327,11 @@ def run_mode(cfg: BenchConfig, mode: str) -> dict[str, Any]:
     return run_alone(Layout(cfg, mode), cfg.repeats)
 
 
-def _peak_memory_isolated(cfg: BenchConfig, mode: str) -> float:
-    """A layout's peak RSS growth, measured in a fresh process so the figure is its own (one timed pass)."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run_mode, (dataclasses.replace(cfg, repeats=1), mode))["peak_memory_mb"]
-
-
 def _run_alternating(cfg: BenchConfig, isolate: bool) -> dict[str, dict[str, Any]]:
     """CPU: both layouts in this process, their timed passes alternating so both see the same machine load."""
     make = {mode: functools.partial(Layout, cfg, mode) for mode in MODES}
-    return run_alternating(make, cfg.repeats, functools.partial(_peak_memory_isolated, cfg) if isolate else None)
+    isolated = functools.partial(isolated_peak_memory, run_mode, cfg) if isolate else None
+    return run_alternating(make, cfg.repeats, isolated)
 
 
 def compare(cfg: BenchConfig, isolate: bool) -> dict[str, Any]:

@@ -8,6 +8,8 @@ memory figure comes from a fresh process (the tool's `isolated_memory`).
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
 import resource
 import time
 from abc import ABC, abstractmethod
@@ -126,3 +128,10 @@ def run_alternating(
     if isolated_memory is not None:
         memory = {mode: isolated_memory(mode) for mode in make}
     return {mode: layout.figures(memory[mode]) for mode, layout in layouts.items()}
+
+
+def isolated_peak_memory(run_mode: Callable[..., dict[str, Any]], cfg: Any, mode: str, *args: Any) -> float:
+    """A layout's peak RSS growth, measured by `run_mode(cfg, mode, *args)` (one timed pass) in a fresh process so
+    the figure is its own; `run_mode` must be a module-level function (it is pickled to the child)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_mode, (dataclasses.replace(cfg, repeats=1), mode, *args))["peak_memory_mb"]

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from vlm_train.cli.evaluate import main as evaluate_main
 from vlm_train.data import synthetic_video as sv
-from vlm_train.data.config import DataConfig
+from vlm_train.data.config import DataConfig, tokenizer_corpus
 from vlm_train.data.formats import VIDEO_PLACEHOLDER, parse_sample
 from vlm_train.data.synthetic import COLOURS, SHAPES, corpus_lines
 from vlm_train.data.synthetic_video import (
@@ -30,7 +31,7 @@ from vlm_train.data.synthetic_video import (
 )
 from vlm_train.data.tokenizer import load_tokenizer
 from vlm_train.data.video import VideoConfig, decode_video
-from vlm_train.train.builders import build_data, tokenizer_corpus
+from vlm_train.train.builders import build_data
 from vlm_train.train.caption_attributes import attribute_scores
 from vlm_train.train.trainer import run
 
@@ -278,3 +279,8 @@ def test_a_short_video_run_trains_and_scores_every_attribute(tmp_path):
     assert {"heldout_colour_acc", "heldout_shape_acc", "heldout_object_count_acc"} <= set(summary)
     predictions = [json.loads(line) for line in (tmp_path / "heldout_predictions.jsonl").read_text().splitlines()]
     assert all(p["image"] == "video 6 frames of 112x112 px" for p in predictions)
+
+    # vlm-evaluate on the run folder finds the video set's held-out shards from the run's config.
+    args = ["--num-loss", "2", "--num-caption", "2", "--num-grounding", "0", "--max-new-tokens", "8", "--device", "cpu"]
+    evaluated = evaluate_main([str(tmp_path), *args])
+    assert evaluated["sets"] == {"shapes_video": 1} and evaluated["heldout_exact_match_n"] == 2

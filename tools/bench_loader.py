@@ -26,6 +26,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from vlm_train.benchmarking import write_clip
 from vlm_train.data.collate import collate
 from vlm_train.data.config import DataConfig
 from vlm_train.data.encode import Encoder
@@ -124,29 +125,6 @@ def _stages(urls: list[str], encoder: Encoder, cfg: DataConfig, limit: int) -> d
         "resize includes the PIL image to numpy copy"
     )
     return result
-
-
-def write_clip(path: str, seconds: float, width: int, height: int, fps: int, seed: int) -> None:
-    """An H.264 clip (yuv420p, CRF 23 as libx264's default) of a drifting gradient with moving discs."""
-    import av
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    discs = rng.uniform(0, 1, (5, 5))  # x, y, vx, vy, colour seed per disc
-    with av.open(path, mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(int(seconds * fps)):
-            phase = i / fps
-            base = np.stack([np.sin(x / 60 + phase + c) * np.cos(y / 45 - phase) for c in range(3)], -1)
-            pixels = (127 + 90 * base + rng.normal(0, 4, (height, width, 3))).clip(0, 255).astype(np.uint8)
-            for cx, cy, vx, vy, colour in discs:
-                px, py = int((cx + vx * phase / 10) % 1 * width), int((cy + vy * phase / 10) % 1 * height)
-                pixels[max(0, py - 30) : py + 30, max(0, px - 30) : px + 30] = int(colour * 255)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def bench_video(args: argparse.Namespace) -> dict:

@@ -1,5 +1,6 @@
-"""What the packed-vs-padded benchmarks share (tools/bench_step.py, tools/bench_vision_stage.py): a layout runs the
-same work one way, and the harness measures each layout's passes and peak memory.
+"""What the benchmarks share. The packed-vs-padded ones (tools/bench_step.py, tools/bench_vision_stage.py): a layout
+runs the same work one way, and the harness measures each layout's passes and peak memory. The video ones
+(tools/bench_loader.py --video, tools/bench_video_decoders.py): the clips they decode (`write_clip`).
 
 On CUDA the layouts run one after the other (peaks reset per layout). On CPU both live in one process and their
 timed passes alternate, so a shared machine's load falls on both alike; peak RSS cannot be reset, so a layout's own
@@ -16,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from vlm_train.data.image import PatchSpec
@@ -135,3 +137,26 @@ def isolated_peak_memory(run_mode: Callable[..., dict[str, Any]], cfg: Any, mode
     the figure is its own; `run_mode` must be a module-level function (it is pickled to the child)."""
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(run_mode, (dataclasses.replace(cfg, repeats=1), mode, *args))["peak_memory_mb"]
+
+
+def write_clip(path: str, seconds: float, width: int, height: int, fps: int, seed: int) -> None:
+    """An H.264 clip (yuv420p, CRF 23 as libx264's default) of a drifting gradient with moving discs."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    discs = rng.uniform(0, 1, (5, 5))  # x, y, vx, vy, colour seed per disc
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(int(seconds * fps)):
+            phase = i / fps
+            base = np.stack([np.sin(x / 60 + phase + c) * np.cos(y / 45 - phase) for c in range(3)], -1)
+            pixels = (127 + 90 * base + rng.normal(0, 4, (height, width, 3))).clip(0, 255).astype(np.uint8)
+            for cx, cy, vx, vy, colour in discs:
+                px, py = int((cx + vx * phase / 10) % 1 * width), int((cy + vy * phase / 10) % 1 * height)
+                pixels[max(0, py - 30) : py + 30, max(0, px - 30) : px + 30] = int(colour * 255)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)

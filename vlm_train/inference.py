@@ -139,10 +139,10 @@ def load(
         data = read_data_config(checkpoint) if (checkpoint / "config.yaml").is_file() else None
         if not (checkpoint / "tokenizer").is_dir() and data is not None:
             # Older checkpoints without tokenizer/: rebuild the tokenizer the run was configured with.
-            from vlm_train.data.synthetic import corpus_lines
+            from vlm_train.data.config import tokenizer_corpus
             from vlm_train.data.tokenizer import load_tokenizer, special_ids
 
-            tokenizer = load_tokenizer(data.tokenizer, corpus=corpus_lines())
+            tokenizer = load_tokenizer(data.tokenizer, corpus=tokenizer_corpus(data))
             image_token_id = special_ids(tokenizer).image_pad
         model, saved_tokenizer = load_checkpoint_model(checkpoint, image_token_id)
         tokenizer = saved_tokenizer or tokenizer

@@ -42,13 +42,20 @@ def parse_sets(specs: list[str], allow_pipe: bool = False) -> dict[str, list[str
 
 
 def configured_sets(data: DataConfig | None, checkpoint: Path) -> dict[str, list[str]]:
-    """The held-out shards a run was trained with: data.heldout_urls, else the synthetic set's."""
+    """The held-out shards a run was trained with: data.heldout_urls, else the synthetic sets' (images, videos)."""
     if data is not None and data.heldout_urls:
         return {DEFAULT_SET: expand_urls(data.heldout_urls, data.allow_pipe)}
+    sets = {}
     if data is not None and data.use_synthetic:
         from vlm_train.data.synthetic import ensure_synthetic_shards
 
-        return {"shapes": ensure_synthetic_shards(data.synthetic).heldout_urls}
+        sets["shapes"] = ensure_synthetic_shards(data.synthetic).heldout_urls
+    if data is not None and data.use_synthetic_video:
+        from vlm_train.data.synthetic_video import ensure_synthetic_video_shards
+
+        sets["shapes_video"] = ensure_synthetic_video_shards(data.synthetic_video).heldout_urls
+    if sets:
+        return sets
     raise ValueError(f"{checkpoint}: its config names no held-out shards; pass --heldout NAME=URLS")
 
 

@@ -8,8 +8,8 @@ from omegaconf import MISSING
 
 from vlm_train.data.image import ImageSampling
 from vlm_train.data.packer import PackConfig
-from vlm_train.data.synthetic import SyntheticConfig
-from vlm_train.data.synthetic_video import SyntheticVideoConfig
+from vlm_train.data.synthetic import SyntheticConfig, corpus_lines
+from vlm_train.data.synthetic_video import SyntheticVideoConfig, video_corpus_lines
 from vlm_train.data.video import VideoConfig
 
 
@@ -75,3 +75,9 @@ class DataConfig:
     shuffle_buffer: int = 256  # samples per source and worker held for shuffling
     max_consecutive_failures: int = 200  # a longer run of skipped samples is a fatal error
     allow_pipe: bool = False  # pipe: URLs run shell commands; refused unless this is set
+
+
+def tokenizer_corpus(data: DataConfig) -> list[str]:
+    """The text the tiny tokenizer is built from: the image set's corpus, plus the video captions' words when the
+    video set is used (so a run without it keeps exactly the tokenizer it always had)."""
+    return video_corpus_lines() if data.use_synthetic_video else corpus_lines()

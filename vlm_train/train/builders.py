@@ -9,13 +9,13 @@ from dataclasses import dataclass
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
-from vlm_train.data.config import DataConfig
+from vlm_train.data.config import DataConfig, tokenizer_corpus
 from vlm_train.data.encode import Encoder
 from vlm_train.data.image import PatchSpec
 from vlm_train.data.loader import PackedStream, Source, expand_urls
 from vlm_train.data.pack_cost import FlopsCost
-from vlm_train.data.synthetic import corpus_lines, ensure_synthetic_shards
-from vlm_train.data.synthetic_video import ensure_synthetic_video_shards, video_corpus_lines
+from vlm_train.data.synthetic import ensure_synthetic_shards
+from vlm_train.data.synthetic_video import ensure_synthetic_video_shards
 from vlm_train.data.tokenizer import load_tokenizer
 from vlm_train.model.config import ModelConfig
 from vlm_train.model.draft import Eagle3Draft, attach_draft
@@ -73,12 +73,6 @@ def build_data(data: DataConfig, model: ModelConfig) -> DataSetup:
     tokenizer = load_tokenizer(data.tokenizer, corpus=tokenizer_corpus(data))
     cost = flops_cost(model, vocab_size=model.llm.vocab_size or len(tokenizer))
     return DataSetup(tokenizer, build_encoder(tokenizer, data, model), sources, heldout, cost)
-
-
-def tokenizer_corpus(data: DataConfig) -> list[str]:
-    """The text the tiny tokenizer is built from: the image set's corpus, plus the video captions' words when the
-    video set is used (so a run without it keeps exactly the tokenizer it always had)."""
-    return video_corpus_lines() if data.use_synthetic_video else corpus_lines()
 
 
 def build_encoder(tokenizer: PreTrainedTokenizerBase, data: DataConfig, model: ModelConfig) -> Encoder:

@@ -180,6 +180,8 @@ RUN_WIDE_DATA_KEYS = (
     "heldout_urls",
     "use_synthetic",
     "synthetic",
+    "use_synthetic_video",
+    "synthetic_video",
     "tokenizer",
     "num_workers",
     "shuffle_buffer",

@@ -28,10 +28,9 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from vlm_train.data.config import DataConfig
+from vlm_train.data.config import DataConfig, tokenizer_corpus
 from vlm_train.data.hidden_states import FORMAT, STORAGE_DTYPES
 from vlm_train.data.loader import Source
-from vlm_train.data.synthetic import corpus_lines
 from vlm_train.data.tokenizer import load_tokenizer
 from vlm_train.model.config import ModelConfig
 from vlm_train.model.draft import default_layers
@@ -133,7 +132,7 @@ def open_offline(eagle3: Eagle3Config, data: DataConfig) -> tuple[OfflineTarget,
     shards are its sources (data.sources, the synthetic data and held-out data are not read), data.tokenizer must
     be the target's."""
     offline = read_offline(eagle3.offline)
-    tokenizer = load_tokenizer(data.tokenizer, corpus=corpus_lines())
+    tokenizer = load_tokenizer(data.tokenizer, corpus=tokenizer_corpus(data))
     check_offline(offline, eagle3, tokenizer)
     vocab = offline.model.llm.vocab_size
     setup = DataSetup(tokenizer, build_encoder(tokenizer, data, offline.model), offline.sources, [])

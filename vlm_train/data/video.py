@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
-from av.video.reformatter import VideoReformatter
 import torch
 import torch.nn.functional as F
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from vlm_train.data.decode import SkipSample, decode_image, to_rgb

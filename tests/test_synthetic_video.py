@@ -39,7 +39,9 @@ from conftest import make_config
 
 SMALL = dict(num_train_clips=40, num_heldout_clips=12, clips_per_shard=16)
 # data.video as conf/data/synthetic_video.yaml sets it: every frame at its own size.
-KEEP_ALL = VideoConfig(fps=4, min_frames=4, min_pixels=56 * 56, max_pixels=112 * 112)
+DEFAULT = SyntheticVideoConfig()
+FRAMES, HEIGHT, WIDTH = DEFAULT.frames, DEFAULT.height, DEFAULT.width
+KEEP_ALL = VideoConfig(fps=DEFAULT.fps, min_frames=4, min_pixels=56 * 56, max_pixels=HEIGHT * WIDTH)
 FACTOR = 28  # patch_size * merge_size of the tiny model
 TOLERANCE = 32  # per-channel distance to a shape's colour: under half the distance between any two colours
 
@@ -76,19 +78,20 @@ def test_layout_members_and_real_h264(shards):
         with av.open(io.BytesIO(sample["mp4"])) as container:
             stream = container.streams.video[0]
             assert container.format.name.startswith("mov,mp4") and stream.codec_context.name == "h264"
-            assert stream.codec_context.pix_fmt == "yuv420p" and (stream.width, stream.height) == (112, 112)
+            assert stream.codec_context.pix_fmt == "yuv420p" and (stream.width, stream.height) == (WIDTH, HEIGHT)
 
 
 def test_clips_decode_to_every_frame_and_shapes_move_as_captioned(shards):
-    """Decoded as training decodes them, every clip keeps its 6 frames at 112 x 112, and each shape whose colour is
-    its own moves in the captioned direction at its speed on every frame (the colour's centroid, measured)."""
+    """Decoded as training decodes them, every clip keeps all its frames at its size, and each shape whose colour is
+    its own moves in the captioned direction by its speed at each new place, held for `hold_frames` frames (the
+    colour's centroid, measured)."""
     checked = 0
     for sample in read_samples(shards.caption_urls + shards.heldout_urls):
         video = decode_video(sample["mp4"], KEEP_ALL, FACTOR)
-        assert video.frames.shape == (6, 112, 112, 3) and video.sample_fps == pytest.approx(4.0)
+        assert video.frames.shape == (FRAMES, HEIGHT, WIDTH, 3) and video.sample_fps == pytest.approx(DEFAULT.fps)
         meta = json.loads(sample["json"])
         objects = meta["objects"]
-        assert meta["clip"] == {"width": 112, "height": 112, "frames": 6, "fps": 4}
+        assert meta["clip"] == {"width": WIDTH, "height": HEIGHT, "frames": FRAMES, "fps": DEFAULT.fps}
         colours = [o["colour"] for o in objects]
         for obj in objects:
             if colours.count(obj["colour"]) > 1:
@@ -98,8 +101,10 @@ def test_clips_decode_to_every_frame_and_shapes_move_as_captioned(shards):
             along, across = np.diff(path, axis=0) @ unit, np.diff(path, axis=0) @ unit[::-1]  # per frame
             # yuv420p keeps colour at 2-px resolution: a thin ring's step of 5 px can read as 3.2 or 6.8, but every
             # step goes the captioned way, nothing moves across it, and the whole path is right within 2 px.
-            assert (np.abs(along - obj["speed"]) < 2).all() and (np.abs(across) <= 1).all(), (sample["txt"], path)
-            assert abs(path[-1] @ unit - path[0] @ unit - obj["speed"] * (len(path) - 1)) < 2, (sample["txt"], path)
+            moves = np.array([(t + 1) // DEFAULT.hold_frames != t // DEFAULT.hold_frames for t in range(FRAMES - 1)])
+            assert (np.abs(along - obj["speed"] * moves) < 2).all(), (sample["txt"], path)
+            assert (np.abs(across) <= 1).all(), (sample["txt"], path)
+            assert abs(path[-1] @ unit - path[0] @ unit - obj["speed"] * moves.sum()) < 2, (sample["txt"], path)
             checked += 1
     assert checked >= 40
 
@@ -129,12 +134,12 @@ def test_render_keeps_shapes_inside_apart_and_ordered():
         for obj in objects:
             assert cfg.min_object_px <= obj["side"] <= cfg.max_object_px
             assert cfg.min_speed <= obj["speed"] <= cfg.max_speed
-            x0, y0, x1, y1 = sv._swept_box(obj, cfg.frames)
+            x0, y0, x1, y1 = sv._swept_box(obj, sv.positions(cfg))
             assert x0 >= sv.MARGIN_PX and y0 >= sv.MARGIN_PX
             assert x1 <= cfg.width - sv.MARGIN_PX and y1 <= cfg.height - sv.MARGIN_PX
         if len(objects) == 2:
             a, b = objects
-            for t in (0, cfg.frames - 1):  # the same left-to-right order, clearly apart, first to last frame
+            for t in (0, sv.positions(cfg) - 1):  # the same left-to-right order, clearly apart, first to last place
                 assert sv._centre_x(b, t) - sv._centre_x(a, t) >= sv.MIN_ORDER_GAP_PX
     assert min(counts.values()) > 100  # both one- and two-shape clips are common
 
@@ -145,7 +150,7 @@ def test_shards_parse_as_video_caption_samples(shards):
     sample = parse_sample(raw, "shapes_video", 10**8, video=KEEP_ALL, factor=FACTOR)
     assert sample.task == "caption" and not sample.images and len(sample.videos) == 1
     assert sample.turns[0].text.startswith(VIDEO_PLACEHOLDER) and sample.turns[1].text == raw["txt"].decode()
-    assert sample.meta["answer"] == raw["txt"].decode() and sample.videos[0].frames.shape == (6, 112, 112, 3)
+    assert sample.meta["answer"] == raw["txt"].decode() and sample.videos[0].frames.shape == (FRAMES, HEIGHT, WIDTH, 3)
 
 
 def test_second_call_reuses_cache(tmp_path, monkeypatch):
@@ -188,8 +193,22 @@ def test_heldout_split_is_disjoint_from_train(shards):
 def test_bad_configs_are_refused(tmp_path):
     with pytest.raises(ValueError, match="even"):
         ensure_synthetic_video_shards(small_cfg(tmp_path, width=85))
-    with pytest.raises(ValueError, match="needs 70 px"):
-        ensure_synthetic_video_shards(small_cfg(tmp_path, width=56, height=56, max_object_px=36))
+    moving = dict(frames=6, hold_frames=1, min_speed=4, max_speed=6, min_object_px=28, max_object_px=36)
+    with pytest.raises(ValueError, match="needs 70 px"):  # 36 + 5 moves of 6 + 2 margins of 2
+        ensure_synthetic_video_shards(small_cfg(tmp_path, width=56, height=56, **moving))
+    with pytest.raises(ValueError, match="hold_frames"):
+        ensure_synthetic_video_shards(small_cfg(tmp_path, frames=4, hold_frames=4))
+
+
+def test_held_places_make_each_temporal_patch_still():
+    """hold_frames=2: the two frames of each temporal patch are equal, and the shapes move between patches only."""
+    cfg = SyntheticVideoConfig(frames=6, hold_frames=2, min_speed=10, max_speed=12)
+    rng = random.Random(3)
+    for _ in range(20):
+        frames, objects = render_clip(rng, cfg)
+        assert all(np.array_equal(frames[t], frames[t + 1]) for t in (0, 2, 4))
+        assert not any(np.array_equal(frames[t], frames[t + 1]) for t in (1, 3))
+        assert sv.positions(cfg) == 3 and all(10 <= o["speed"] <= 12 for o in objects)
 
 
 def test_default_tokenizer_is_unchanged_and_the_video_one_knows_motion():
@@ -218,6 +237,15 @@ def test_video_preset_keeps_every_frame_at_its_size():
     assert data.video.fps == clip.fps and clip.frames >= data.video.min_frames
     assert data.video.min_pixels <= clip.width * clip.height <= data.video.max_pixels
     assert clip.width % FACTOR == 0 and clip.height % FACTOR == 0
+
+
+def test_video_preset_picks_its_curriculum_and_loss_unless_told_otherwise():
+    video = make_config("data=synthetic_video")
+    assert [s.steps for s in video.curriculum.stages] == [40, 1260] and video.loss.averaging == "token"
+    chosen = make_config("data=synthetic_video", "curriculum=llava", "loss.averaging=mix")
+    assert [s.name for s in chosen.curriculum.stages] == ["pretrain", "finetune"] and chosen.loss.averaging == "mix"
+    default = make_config()  # the default run is untouched
+    assert [s.steps for s in default.curriculum.stages] == [40, 1600] and default.loss.averaging == "mix"
 
 
 def test_caption_parsing_and_attribute_scores():
@@ -278,7 +306,7 @@ def test_a_short_video_run_trains_and_scores_every_attribute(tmp_path):
     assert summary["heldout_direction_acc_n"] >= 4 and 0 <= summary["heldout_direction_acc"] <= 1
     assert {"heldout_colour_acc", "heldout_shape_acc", "heldout_object_count_acc"} <= set(summary)
     predictions = [json.loads(line) for line in (tmp_path / "heldout_predictions.jsonl").read_text().splitlines()]
-    assert all(p["image"] == "video 6 frames of 112x112 px" for p in predictions)
+    assert all(p["image"] == f"video {FRAMES} frames of {WIDTH}x{HEIGHT} px" for p in predictions)
 
     # vlm-evaluate on the run folder finds the video set's held-out shards from the run's config.
     args = ["--num-loss", "2", "--num-caption", "2", "--num-grounding", "0", "--max-new-tokens", "8", "--device", "cpu"]

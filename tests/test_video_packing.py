@@ -272,6 +272,20 @@ def test_bench_loader_video_mode_reports_clip_throughput():
     assert result["samples_per_s_one_core"] > 0 and result["patches_per_clip"] > 0
 
 
+def test_bench_video_decoders_times_pyav_and_reports_what_does_not_load():
+    from tools.bench_video_decoders import main
+
+    args = ["--samples", "1", "--clip-seconds", "1", "--clip-width", "112", "--clip-height", "64"]
+    result = main([*args, "--readers", "pyav,torchcodec"])
+    pyav = result["readers"]["pyav"]
+    assert result["sampled_frames_per_clip"] == 4 and pyav["clips_per_s_one_core"] > 0
+    assert pyav["mean_abs_diff_from_pyav"] == 0  # the reference itself
+    torchcodec = result["readers"]["torchcodec"]  # not a dependency: either timed against PyAV, or its error said
+    assert "error" in torchcodec or torchcodec["mean_abs_diff_from_pyav"] < 2
+    with pytest.raises(SystemExit):
+        main([*args, "--readers", "ffmpeg-cli"])
+
+
 def test_the_mix_with_videos_holds_the_share_and_video_grids():
     from tools.pack_mix import MixShares, make_mix
 

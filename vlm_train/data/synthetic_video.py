@@ -53,25 +53,30 @@ PLACEMENT_TRIES = 200  # random layouts tried before a clip drops to one shape f
 class SyntheticVideoConfig:
     num_train_clips: int = 4000
     num_heldout_clips: int = 200
+    # The defaults were chosen by held-out caption exact match after 1,200 steps of the tiny model (one core per run,
+    # 2026-11-29; docs/data.md has the table). Shape was always the attribute learned last, direction the one that
+    # varied most between seeds.
     # Frames of width x height, even (yuv420p) and multiples of patch_size * merge_size (28), so the loader never
-    # resizes them: with data.video.fps equal to `fps` every frame is kept. 112 px leaves room for shapes of 28-40 px
-    # (at 20-28 px in 84-px frames, held-out shape accuracy was 0.38 after 540 steps, at 28-40 px 0.56).
-    width: int = 112
+    # resizes them: with data.video.fps equal to `fps` every frame is kept. 140 x 112 px (5 x 4 merged tokens a
+    # temporal patch) leaves room for two shapes of 40-52 px that each move a whole merged token.
+    width: int = 140
     height: int = 112
-    # 6 frames (3 temporal patches of 2): at 1,640 steps on one core, held-out caption exact match 0.87 against 0.80
-    # with 8 frames (4 patches): fewer tokens a clip, more clips a step, and shapes are what the tiny model learns
-    # last (direction: 0.99 and 1.0).
-    frames: int = 6
-    # 4 fps: a temporal patch (2 frames) is 0.5 s, so the patches get the M-RoPE times 0, 1, 2 (at 8 fps, 8 frames
-    # gave 0, 0, 1, 1: two patches shared a time, and held-out direction accuracy after 540 steps was 0.36, not 0.47).
+    # 4 frames (2 temporal patches of 2) at 4 fps: the patches are 0.5 s apart, M-RoPE times 0 and 1. Fewer tokens a
+    # clip than 6 or 8 frames, so more clips a step (6 frames with shapes moving every frame: 0.83 at 1,640 steps).
+    frames: int = 4
     fps: int = 4
-    min_object_px: int = 28  # shape sides are drawn from [min_object_px, max_object_px]
-    max_object_px: int = 40
-    # Pixels per frame, drawn per shape: 4-6 px over 5 steps moves a shape 20-30 px (about one merged token of
-    # 28 px), and 4-6 px between the two frames of a temporal patch, which the patch embedding sees together.
-    min_speed: int = 4
-    max_speed: int = 6
+    min_object_px: int = 40  # shape sides are drawn from [min_object_px, max_object_px]
+    max_object_px: int = 52
+    # Pixels per move, drawn per shape: 28-34 px, at least one merged token (28 px), so the LLM sees the shape in
+    # different tokens at the two times (moves of 14-20 px: direction 0.85 at 1,200 steps; 28-34 px: 0.99-1.0).
+    min_speed: int = 28
+    max_speed: int = 34
     max_objects: int = 2
+    # Frames each place is held for: 1 moves the shapes every frame; 2 moves them once per temporal patch (the
+    # patch's two frames are equal), so each patch shows the shapes sharply and only the order of the patches, their
+    # M-RoPE times, tells the direction. Moving every frame blurs the shapes inside a patch (6-8 px a frame: shape
+    # 0.91-0.93 at 1,200 steps; 4-6 px: shape 0.975 but direction 0.69).
+    hold_frames: int = 2
     crf: int = 10  # x264 quality (0: lossless, 23: its default): low, so colours and thin rings survive yuv420p
     clips_per_shard: int = 1000
     seed: int = 0
@@ -88,22 +93,27 @@ class SyntheticVideoShards:
     heldout_urls: list[str]
 
 
-def _path(obj: dict[str, Any], frame: int) -> tuple[int, int]:
-    """Top-left corner of an object on `frame`."""
+def positions(cfg: Any) -> int:
+    """The places a shape takes in a clip: one per `hold_frames` frames."""
+    return -(-cfg.frames // cfg.hold_frames)
+
+
+def _path(obj: dict[str, Any], step: int) -> tuple[int, int]:
+    """Top-left corner of an object at its `step`-th place."""
     dx, dy = DIRECTIONS[obj["direction"]]
     x, y = obj["start"]
-    return x + dx * obj["speed"] * frame, y + dy * obj["speed"] * frame
+    return x + dx * obj["speed"] * step, y + dy * obj["speed"] * step
 
 
-def _swept_box(obj: dict[str, Any], frames: int) -> tuple[int, int, int, int]:
-    """The box an object covers over the whole clip (x0, y0, x1, y1), exclusive ends."""
-    (x0, y0), (x1, y1) = _path(obj, 0), _path(obj, frames - 1)
+def _swept_box(obj: dict[str, Any], steps: int) -> tuple[int, int, int, int]:
+    """The box an object covers over its `steps` places (x0, y0, x1, y1), exclusive ends."""
+    (x0, y0), (x1, y1) = _path(obj, 0), _path(obj, steps - 1)
     side = obj["side"]
     return min(x0, x1), min(y0, y1), max(x0, x1) + side, max(y0, y1) + side
 
 
-def _centre_x(obj: dict[str, Any], frame: int) -> float:
-    return _path(obj, frame)[0] + obj["side"] / 2
+def _centre_x(obj: dict[str, Any], step: int) -> float:
+    return _path(obj, step)[0] + obj["side"] / 2
 
 
 def _random_object(rng: random.Random, colour: str, shape: str, direction: str, cfg: Any) -> dict[str, Any] | None:
@@ -111,7 +121,7 @@ def _random_object(rng: random.Random, colour: str, shape: str, direction: str, 
     side = rng.randint(cfg.min_object_px, cfg.max_object_px)
     speed = rng.randint(cfg.min_speed, cfg.max_speed)
     dx, dy = DIRECTIONS[direction]
-    travel = speed * (cfg.frames - 1)
+    travel = speed * (positions(cfg) - 1)
     # The start range along each axis keeps the first and the last frame (so every frame) inside the margins.
     x_lo, x_hi = MARGIN_PX + max(0, -dx) * travel, cfg.width - MARGIN_PX - side - max(0, dx) * travel
     y_lo, y_hi = MARGIN_PX + max(0, -dy) * travel, cfg.height - MARGIN_PX - side - max(0, dy) * travel
@@ -121,13 +131,13 @@ def _random_object(rng: random.Random, colour: str, shape: str, direction: str, 
     return {"colour": colour, "shape": shape, "direction": direction, "side": side, "speed": speed, "start": start}
 
 
-def _apart(a: dict[str, Any], b: dict[str, Any], frames: int) -> bool:
+def _apart(a: dict[str, Any], b: dict[str, Any], steps: int) -> bool:
     """No overlap of the swept areas (with a gap), and one clear left-to-right order on the first and last frame."""
-    ax0, ay0, ax1, ay1 = _swept_box(a, frames)
-    bx0, by0, bx1, by1 = _swept_box(b, frames)
+    ax0, ay0, ax1, ay1 = _swept_box(a, steps)
+    bx0, by0, bx1, by1 = _swept_box(b, steps)
     disjoint = ax1 + GAP_PX <= bx0 or bx1 + GAP_PX <= ax0 or ay1 + GAP_PX <= by0 or by1 + GAP_PX <= ay0
     first = _centre_x(b, 0) - _centre_x(a, 0)
-    last = _centre_x(b, frames - 1) - _centre_x(a, frames - 1)
+    last = _centre_x(b, steps - 1) - _centre_x(a, steps - 1)
     ordered = min(abs(first), abs(last)) >= MIN_ORDER_GAP_PX and (first > 0) == (last > 0)
     return disjoint and ordered
 
@@ -143,7 +153,7 @@ def place_objects(rng: random.Random, cfg: Any) -> list[dict[str, Any]]:
         for _ in range(PLACEMENT_TRIES):
             objects = [_random_object(rng, c, s, d, cfg) for (c, s), d in zip(kinds, directions)]
             if all(o is not None for o in objects) and all(
-                _apart(a, b, cfg.frames) for a, b in itertools.combinations(objects, 2)
+                _apart(a, b, positions(cfg)) for a, b in itertools.combinations(objects, 2)
             ):
                 return sorted(objects, key=lambda o: _centre_x(o, 0))
         if len(kinds) == 1:
@@ -161,7 +171,7 @@ def render_clip(rng: random.Random, cfg: Any) -> tuple[list[np.ndarray], list[di
         image = Image.new("RGB", (cfg.width, cfg.height), background)
         draw = ImageDraw.Draw(image)
         for obj in objects:
-            x, y = _path(obj, t)
+            x, y = _path(obj, t // cfg.hold_frames)
             draw_shape(draw, obj["shape"], x, y, obj["side"], COLOURS[obj["colour"]])
         frames.append(np.asarray(image))
     return frames, objects
@@ -257,13 +267,15 @@ def _check_config(cfg: Any) -> None:
         raise ValueError(f"synthetic_video: width and height must be even (yuv420p), got {cfg.width}x{cfg.height}")
     if cfg.frames < 2 or cfg.fps < 1:
         raise ValueError(f"synthetic_video: need frames >= 2 and fps >= 1, got {cfg.frames}, {cfg.fps}")
+    if not 1 <= cfg.hold_frames < cfg.frames:
+        raise ValueError(f"synthetic_video: hold_frames must be in 1..frames - 1, got {cfg.hold_frames}")
     if not 1 <= cfg.min_object_px <= cfg.max_object_px or not 1 <= cfg.min_speed <= cfg.max_speed:
         raise ValueError("synthetic_video: need 1 <= min_object_px <= max_object_px and 1 <= min_speed <= max_speed")
     # The largest, fastest shape must fit its path in the frame along both axes (a clip may draw it either way).
-    needed = cfg.max_object_px + cfg.max_speed * (cfg.frames - 1) + 2 * MARGIN_PX
+    needed = cfg.max_object_px + cfg.max_speed * (positions(cfg) - 1) + 2 * MARGIN_PX
     if needed > min(cfg.width, cfg.height):
         raise ValueError(
-            f"synthetic_video: a {cfg.max_object_px}-px shape at {cfg.max_speed} px/frame over {cfg.frames} frames "
+            f"synthetic_video: a {cfg.max_object_px}-px shape moving {cfg.max_speed} px {positions(cfg) - 1} times "
             f"needs {needed} px, the frame is {cfg.width}x{cfg.height}"
         )
     if not 1 <= cfg.max_objects <= len(COLOURS) * len(SHAPES):

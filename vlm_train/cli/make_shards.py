@@ -39,21 +39,22 @@ def safe_key(value: Any, index: int) -> str:
     return f"{index:09d}_{_UNSAFE.sub('_', str(value))[:80]}"
 
 
-def _image_member(path: str) -> tuple[str, bytes]:
-    ext = IMAGE_EXTENSIONS.get(os.path.splitext(path)[1].lower())
+def _member(path: str, extensions: dict[str, str], kind: str) -> tuple[str, bytes]:
+    """A file as a shard member: its extension (the loader picks images and videos by member name) and its bytes,
+    unchanged; a type the loader does not read is an error naming the file."""
+    ext = extensions.get(os.path.splitext(path)[1].lower())
     if ext is None:
-        raise ValueError(f"unsupported image type {path} (use jpg, png or webp)")
+        raise ValueError(f"unsupported {kind} type {path} (use one of {', '.join(sorted(set(extensions.values())))})")
     with open(path, "rb") as f:
         return ext, f.read()
+
+
+def _image_member(path: str) -> tuple[str, bytes]:
+    return _member(path, IMAGE_EXTENSIONS, "image")
 
 
 def _video_member(path: str) -> tuple[str, bytes]:
-    """The member of a video file: its extension (the loader picks videos by member name) and its bytes, unchanged."""
-    ext = VIDEO_EXTENSIONS.get(os.path.splitext(path)[1].lower())
-    if ext is None:
-        raise ValueError(f"unsupported video type {path} (use mp4, webm, mkv, avi or mov)")
-    with open(path, "rb") as f:
-        return ext, f.read()
+    return _member(path, VIDEO_EXTENSIONS, "video")
 
 
 def _paths(value: Any) -> list[str]:

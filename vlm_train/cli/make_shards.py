@@ -39,9 +39,10 @@ def safe_key(value: Any, index: int) -> str:
     return f"{index:09d}_{_UNSAFE.sub('_', str(value))[:80]}"
 
 
-def _member(path: str, extensions: dict[str, str], kind: str) -> tuple[str, bytes]:
-    """A file as a shard member: its extension (the loader picks images and videos by member name) and its bytes,
-    unchanged; a type the loader does not read is an error naming the file."""
+def _member(path: str, kind: str) -> tuple[str, bytes]:
+    """A file as a shard member (kind: image | video): its extension (the loader picks images and videos by member
+    name) and its bytes, unchanged; a type the loader does not read is an error naming the file."""
+    extensions = VIDEO_EXTENSIONS if kind == "video" else IMAGE_EXTENSIONS
     ext = extensions.get(os.path.splitext(path)[1].lower())
     if ext is None:
         raise ValueError(f"unsupported {kind} type {path} (use one of {', '.join(sorted(set(extensions.values())))})")
@@ -49,12 +50,14 @@ def _member(path: str, extensions: dict[str, str], kind: str) -> tuple[str, byte
         return ext, f.read()
 
 
-def _image_member(path: str) -> tuple[str, bytes]:
-    return _member(path, IMAGE_EXTENSIONS, "image")
-
-
-def _video_member(path: str) -> tuple[str, bytes]:
-    return _member(path, VIDEO_EXTENSIONS, "video")
+def _members(paths: list[str], root: str, kind: str) -> tuple[list[tuple[str, bytes]], str]:
+    """The members of a record's files of one kind, or none and the reason to skip the record."""
+    try:
+        return [_member(os.path.join(root, path), kind) for path in paths], ""
+    except FileNotFoundError:
+        return [], f"missing_{kind}"
+    except ValueError:
+        return [], f"unsupported_{kind}"
 
 
 def _paths(value: Any) -> list[str]:
@@ -99,21 +102,10 @@ def llava_samples(
             continue
         images, videos = _paths(record.get("image")), _paths(record.get("video"))
         sample: dict[str, Any] = {"__key__": safe_key(record.get("id", index), index)}
-        try:
-            image_members = [_image_member(os.path.join(image_root, path)) for path in images]
-        except FileNotFoundError:
-            skipped["missing_image"] += 1
-            continue
-        except ValueError:
-            skipped["unsupported_image"] += 1
-            continue
-        try:
-            video_members = [_video_member(os.path.join(video_root, path)) for path in videos]
-        except FileNotFoundError:
-            skipped["missing_video"] += 1
-            continue
-        except ValueError:
-            skipped["unsupported_video"] += 1
+        image_members, problem = _members(images, image_root, "image")
+        video_members, problem = _members(videos, video_root, "video") if not problem else ([], problem)
+        if problem:
+            skipped[problem] += 1
             continue
         _add_members(sample, image_members)
         _add_members(sample, video_members)
@@ -151,7 +143,7 @@ def caption_samples(folder: str, skipped: Counter) -> Iterator[dict[str, Any]]:
                 skipped["empty_caption"] += 1
                 continue
             path = os.path.join(root, name)
-            member_ext, data = _video_member(path) if ext.lower() in VIDEO_EXTENSIONS else _image_member(path)
+            member_ext, data = _member(path, "video" if ext.lower() in VIDEO_EXTENSIONS else "image")
             yield {
                 "__key__": safe_key(os.path.relpath(os.path.join(root, stem), folder), index),
                 member_ext: data,

@@ -3,13 +3,15 @@
 - `from_hf(path)`: a whole Qwen2.5-VL checkpoint -> our VLM.
 - `llm_from_hf(path)` / `load_llm_from_hf(llm, path)`: a Qwen2 / Qwen2.5 / Qwen3 / Llama LLM (or the LLM of a
   Qwen2.5-VL) -> our decoder.
-- `load_vision_from_hf(model, path)`: the vision tower and merger of a Qwen2.5-VL -> our VLM.
+- `load_vision_from_hf(model, path)`: the vision tower of a Qwen2.5-VL, and its merger when the widths fit -> our
+  VLM.
 - `to_hf(model, path)`: our VLM -> a folder transformers loads as Qwen2_5_VLForConditionalGeneration.
 Equal logits to transformers' implementation are what tests/test_hf.py checks.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,8 @@ __all__ = [
     "to_hf",
 ]
 
+log = logging.getLogger(__name__)
+
 
 def from_hf(path: str | Path, attn_backend: str = "auto", dtype: torch.dtype = torch.float32) -> VLM:
     """Build our VLM from a Qwen2.5-VL checkpoint folder (config.json + safetensors)."""
@@ -76,17 +80,32 @@ def load_llm_from_hf(llm: DecoderLM, path: str | Path) -> None:
     load_hf_weights(llm, SafetensorsFolder(path), llm_to_hf_name, ignore=_is_vision_key)
 
 
-def load_vision_from_hf(model: VLM, path: str | Path, include_merger: bool = True) -> None:
-    """Initialise the vision tower (and by default the merger) of our VLM from a Qwen2.5-VL checkpoint."""
+def load_vision_from_hf(model: VLM, path: str | Path, include_merger: bool | None = None) -> None:
+    """Initialise the vision tower, and the merger when it fits, of our VLM from a Qwen2.5-VL checkpoint.
+
+    `include_merger=None` loads the merger when its output width (vision_config.out_hidden_size) is our LLM's
+    hidden size; otherwise the merger (our projector) keeps its fresh weights, which is logged. True insists on it
+    (a width mismatch is an error), False never loads it.
+    """
     hf_cfg = _vlm_hf_config(path)
     theirs = vision_config_from_hf(hf_cfg.vision_config)
     _raise_if_different(path, differences(model.cfg.vision, theirs, VISION_SEMANTIC_FIELDS, "vision"))
+    if include_merger is None:
+        out_width, llm_width = hf_cfg.vision_config.out_hidden_size, model.cfg.llm.hidden_size
+        include_merger = out_width == llm_width
+        if not include_merger:
+            log.warning(
+                "%s: its merger writes %d-wide tokens, the LLM is %d wide: loading the vision tower only; "
+                "the merger (projector) starts from fresh weights, so train it (an align stage) before the rest",
+                path,
+                out_width,
+                llm_width,
+            )
     prefixes = ("vision.", "projector.") if include_merger else ("vision.",)
     params = [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
-    skipped = ("visual.",) if include_merger else ("visual.merger.",)
 
     def ignore(key: str) -> bool:
-        return not key.startswith("visual.") or (not include_merger and key.startswith(skipped))
+        return not key.startswith("visual.") or (not include_merger and key.startswith("visual.merger."))
 
     load_hf_weights(model, SafetensorsFolder(path), vlm_to_hf_name, params=params, ignore=ignore)
 

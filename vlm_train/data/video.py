@@ -14,30 +14,44 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 from vlm_train.data.decode import SkipSample, decode_image, to_rgb
 from vlm_train.data.image import PatchSpec, smart_resize
 
+if TYPE_CHECKING:
+    import av
+
 FRAME_FACTOR = 2  # frames come in pairs: Qwen2.5-VL's temporal patch size
-# Exceptions PyAV raises for broken containers or streams (InvalidDataError is a ValueError; av's EOFError is both
-# an FFmpegError and the builtin); metadata that is not UTF-8 raises UnicodeDecodeError, also a ValueError.
-_CORRUPT = (av.FFmpegError, EOFError, OSError, ValueError)
+PYAV_MISSING = "install av (PyAV) to read videos: pip install av"
 # `VideoFrame.to_ndarray(format=...)` makes a new swscale context for every frame, which cost more than decoding
 # small clips (10 of 15 ms for a 4-frame 112 px clip); one reformatter per thread keeps its context while the
 # frame size and format stay the same, and gives the same pixels.
 _REFORMATTERS = threading.local()
 
 
+def pyav() -> ModuleType:
+    """PyAV, imported when a video file is first decoded rather than with this module: the data config, the loader
+    and the trainer import this module, and a machine without av (a bare GPU image) still trains on images and frame
+    folders."""
+    try:
+        import av
+    except ImportError as exc:
+        raise ModuleNotFoundError(PYAV_MISSING, name="av") from exc
+    return av
+
+
 def _rgb24(frame: av.VideoFrame) -> np.ndarray:
     """A decoded frame as uint8 RGB [height, width, 3]."""
     if not hasattr(_REFORMATTERS, "rgb24"):
+        from av.video.reformatter import VideoReformatter
+
         _REFORMATTERS.rgb24 = VideoReformatter()
     return _REFORMATTERS.rgb24.reformat(frame, format="rgb24").to_ndarray()
 
@@ -138,12 +152,17 @@ def resize_frame(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def decode_video(data: bytes, cfg: VideoConfig, factor: int) -> Video:
-    """Decode a video file's bytes to a sampled, resized Video; bad or oversized clips raise SkipSample."""
+    """Decode a video file's bytes to a sampled, resized Video; bad or oversized clips raise SkipSample. Without
+    PyAV it raises ModuleNotFoundError saying to install it (a fault of the machine, not of the sample)."""
+    av = pyav()
+    # Exceptions PyAV raises for broken containers or streams (InvalidDataError is a ValueError; av's EOFError is
+    # both an FFmpegError and the builtin); metadata that is not UTF-8 raises UnicodeDecodeError, also a ValueError.
+    corrupt = (av.FFmpegError, EOFError, OSError, ValueError)
     try:
         return _decode_video(data, cfg, factor)
     except SkipSample:
         raise
-    except _CORRUPT as exc:
+    except corrupt as exc:
         raise SkipSample("corrupt_video", f"{type(exc).__name__}: {exc}") from exc
 
 
@@ -188,6 +207,7 @@ class _Index:
 
 
 def _decode_video(data: bytes, cfg: VideoConfig, factor: int) -> Video:
+    av = pyav()
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = _video_stream(container)
         if stream.codec_context is None:  # a codec this FFmpeg build cannot decode (or a corrupt codec id)
@@ -241,6 +261,7 @@ def _decode_video(data: bytes, cfg: VideoConfig, factor: int) -> Video:
 
 
 def _video_stream(container: av.container.InputContainer) -> av.VideoStream:
+    av = pyav()
     for stream in container.streams.video:
         # Cover art (an attached picture) is a one-frame video stream in audio files, not a video.
         if not stream.disposition & av.stream.Disposition.attached_pic:
@@ -255,7 +276,7 @@ def _header_frames(container: av.container.InputContainer, stream: av.VideoStrea
     if stream.duration and stream.time_base:
         duration = float(stream.duration * stream.time_base)
     elif container.duration:
-        duration = container.duration / av.time_base
+        duration = container.duration / pyav().time_base
     else:
         return 0
     rate = stream.average_rate or stream.guessed_rate
@@ -297,7 +318,7 @@ def _decode_frames(
     """
     found: dict[int, np.ndarray] = {}
     wanted_set = set(wanted)
-    with av.open(io.BytesIO(data), mode="r") as container:
+    with pyav().open(io.BytesIO(data), mode="r") as container:
         stream = _video_stream(container)
         frames = None  # the decoded frames, in presentation order, from the last seek on
         position = None  # pts of the last decoded frame
@@ -337,7 +358,7 @@ def _decode_nearest(
         out.append(last[1])
 
     previous: tuple[av.VideoFrame, float] | None = None
-    with av.open(io.BytesIO(data), mode="r") as container:
+    with pyav().open(io.BytesIO(data), mode="r") as container:
         stream = _video_stream(container)
         for position, frame in enumerate(container.decode(stream)):
             time = frame.time if use_pts else position / rate

@@ -12,6 +12,7 @@ Equal logits to transformers' implementation are what tests/test_hf.py checks.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from .hf_config import (
 from .hf_weights import SafetensorsFolder, hf_state_dict, llm_to_hf_name, load_hf_weights, vlm_to_hf_name
 from .llm import DecoderLM
 from .vlm import VLM
+from .vocab_resize import mean_resized
 
 __all__ = [
     "UnsupportedCheckpoint",
@@ -72,12 +74,14 @@ def llm_from_hf(path: str | Path, attn_backend: str = "auto", dtype: torch.dtype
 
 
 def load_llm_from_hf(llm: DecoderLM, path: str | Path) -> None:
-    """Initialise an existing decoder (e.g. `vlm.llm`) from an LLM checkpoint; its config must match."""
+    """Initialise an existing decoder (e.g. `vlm.llm`) from an LLM checkpoint; its config must match. A decoder
+    with more vocabulary rows than the checkpoint (a tokenizer that gained the chat tokens) gets the new rows at
+    the stored rows' mean, as transformers' `resize_token_embeddings(n, mean_resizing=True)`."""
     hf_cfg = read_hf_config(path)
     theirs = _llm_config(hf_cfg)
     fields = LLM_SEMANTIC_FIELDS + (("mrope_section",) if hf_cfg.model_type in VLM_TYPES else ())
     _raise_if_different(path, differences(llm.cfg, theirs, fields, "llm"))
-    load_hf_weights(llm, SafetensorsFolder(path), llm_to_hf_name, ignore=_is_vision_key)
+    load_hf_weights(llm, SafetensorsFolder(path), llm_to_hf_name, ignore=_is_vision_key, grow=_vocab_growth(""))
 
 
 def load_vision_from_hf(model: VLM, path: str | Path, include_merger: bool | None = None) -> None:
@@ -111,7 +115,8 @@ def load_vision_from_hf(model: VLM, path: str | Path, include_merger: bool | Non
 
 
 def load_vlm_from_hf(model: VLM, path: str | Path) -> None:
-    """Initialise every weight of an existing VLM from a Qwen2.5-VL checkpoint of the same shape and settings."""
+    """Initialise every weight of an existing VLM from a Qwen2.5-VL checkpoint of the same shape and settings (a
+    vocabulary grown past the checkpoint's is filled as in `load_llm_from_hf`)."""
     hf_cfg = _vlm_hf_config(path)
     theirs = model_config_from_hf(hf_cfg)
     problems = (
@@ -126,7 +131,7 @@ def load_vlm_from_hf(model: VLM, path: str | Path) -> None:
     # tokens_per_second shapes the data's video positions, so a whole-model load must agree on it too.
     problems += differences(model.cfg.vision, theirs.vision, VISION_SEMANTIC_FIELDS + ("tokens_per_second",), "vision")
     _raise_if_different(path, problems)
-    load_hf_weights(model, SafetensorsFolder(path), vlm_to_hf_name)
+    load_hf_weights(model, SafetensorsFolder(path), vlm_to_hf_name, grow=_vocab_growth("llm."))
 
 
 def apply_hf_init(model: VLM, cfg: ModelConfig) -> None:
@@ -193,6 +198,12 @@ def _vlm_hf_config(path: str | Path) -> Any:
             f"{path}: model_type {hf_cfg.model_type!r} has no vision tower; need {' or '.join(VLM_TYPES)}"
         )
     return hf_cfg
+
+
+def _vocab_growth(prefix: str) -> dict[str, Callable[[torch.Tensor, int], torch.Tensor]]:
+    """A model whose vocabulary outgrew the checkpoint's (see vocab_resize.py) loads its first rows; the rest of
+    the embedding and the (untied) LM head are grown as transformers' mean resizing does, embedding first."""
+    return {f"{prefix}embed_tokens.weight": mean_resized, f"{prefix}lm_head.weight": mean_resized}
 
 
 def _is_vision_key(key: str) -> bool:

@@ -8,7 +8,8 @@ lists what differs, never a partial load.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from torch import nn
 # transformers 5 modules use the second. Both are read; the first is written.
 _HF_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 PATCH_EMBED = "patch_embed.proj.weight"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointMismatch(ValueError):
@@ -108,13 +111,17 @@ def load_hf_weights(
     params: Iterable[str] | None = None,
     ignore: Callable[[str], bool] = lambda key: False,
     dtype: torch.dtype | None = None,
+    grow: Mapping[str, Callable[[torch.Tensor, int], torch.Tensor]] | None = None,
 ) -> None:
     """Copy `params` of `module` (default: all) from `folder`, names mapped by `to_hf`; all checked first.
 
     Checkpoint keys outside the mapped set are unexpected unless `ignore(key)` says they belong to a part of the
-    checkpoint we deliberately skip (e.g. the LLM when loading only the vision tower). Works on a model built on
-    the meta device: parameters are replaced rather than copied into.
+    checkpoint we deliberately skip (e.g. the LLM when loading only the vision tower). `grow` names parameters
+    (the embedding and LM head of a grown vocabulary) that may have more rows than the checkpoint's, and the
+    function that makes the missing rows from the stored ones. Works on a model built on the meta device:
+    parameters are replaced rather than copied into.
     """
+    grow = grow or {}
     tied = _tied_names(module)
     ours = {n: p for n, p in module.named_parameters() if n not in tied}
     wanted = list(params) if params is not None else list(ours)
@@ -130,15 +137,28 @@ def load_hf_weights(
         if hf_name in available:
             have = folder.shape(available[hf_name])
             want = tuple(ours[name].shape)
-            if have != want and not (name.endswith(PATCH_EMBED) and _numel(have) == _numel(want)):
+            reshaped = name.endswith(PATCH_EMBED) and _numel(have) == _numel(want)
+            grown = name in grow and have[0] < want[0] and have[1:] == want[1:]
+            if have != want and not reshaped and not grown:
                 mismatched.append(f"{hf_name}: checkpoint {list(have)}, model {list(want)}")
     if missing or unexpected or mismatched:
         raise CheckpointMismatch(_report(folder.folder, missing, unexpected, mismatched))
 
     with torch.no_grad():
         for hf_name, name in expected.items():
-            value = folder.tensor(available[hf_name]).reshape(ours[name].shape)
-            _set_parameter(module, name, value.to(dtype or ours[name].dtype))
+            want = ours[name].shape
+            value = folder.tensor(available[hf_name]).to(dtype or ours[name].dtype)
+            if name in grow and value.shape[0] < want[0]:
+                log.warning(
+                    "%s has %d rows, the model %d: the %d new rows are drawn around the mean of the stored ones "
+                    "(transformers' mean_resizing)",
+                    hf_name,
+                    value.shape[0],
+                    want[0],
+                    want[0] - value.shape[0],
+                )
+                value = grow[name](value, want[0])
+            _set_parameter(module, name, value.reshape(want))
     _retie(module, tied)
 
 

@@ -23,6 +23,7 @@ from vlm_train.model.flops import flops_cost
 from vlm_train.model.hf import apply_hf_init
 from vlm_train.model.vision_heads import VisionHeads, attach_heads
 from vlm_train.model.vlm import VLM
+from vlm_train.model.vocab_resize import vocab_size_for
 from vlm_train.train.checkpoint import MODEL_FILE, read_checkpoint_file, resolve_checkpoint
 from vlm_train.train.config import Eagle3Config, VisionPretrainConfig
 
@@ -91,13 +92,13 @@ def build_stream(
 def build_model(
     model: ModelConfig, setup: DataSetup, load_hf: bool = True, vision_pretrain: VisionPretrainConfig | None = None
 ) -> VLM:
-    """The VLM sized to the tokenizer (llm.vocab_size=0 means: the tokenizer's size); `load_hf=False` skips the
-    model.init_* weights (for a model whose weights are copied in right after). With `vision_pretrain` (a run with
-    a vision stage), the vision stage's heads are attached to it."""
-    tokens = len(setup.tokenizer)
-    vocab_size = model.llm.vocab_size or tokens
-    if vocab_size < tokens:
-        raise ValueError(f"model.llm.vocab_size={vocab_size} is smaller than the tokenizer ({tokens} tokens)")
+    """The VLM sized to the tokenizer (llm.vocab_size=0 means: the tokenizer's size; a smaller one grows to the
+    tokenizer, warned, and is updated in `model` so that the run's config.yaml names the rows the model has);
+    `load_hf=False` skips the model.init_* weights (for a model whose weights are copied in right after). With
+    `vision_pretrain` (a run with a vision stage), the vision stage's heads are attached to it."""
+    vocab_size = vocab_size_for(model.llm, len(setup.tokenizer))
+    if model.llm.vocab_size:
+        model.llm.vocab_size = vocab_size
     vlm = VLM(model, vocab_size=vocab_size, image_token_id=setup.encoder.special.image_pad)
     if load_hf:
         apply_hf_init(vlm, model)  # model.init_*_from_hf: start from released Hugging Face weights

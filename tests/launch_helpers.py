@@ -61,11 +61,40 @@ def overrides(run_dir: Path, steps: int, *more: str) -> list[str]:
     ]
 
 
-def start(command: list[str], log: Path, **variables: object) -> subprocess.Popen:
+# The signals the launchers trap or pass on. A test run started under nohup, or in the background of a script,
+# holds some of them ignored, children inherit that, and bash cannot trap a signal ignored on entry: the launcher
+# would sit through both Ctrl-Cs. Every launch starts with them at their defaults, as from a terminal.
+LAUNCH_SIGNALS = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+STARTED: list[subprocess.Popen] = []  # every launch of the running test, ended by `stop_started` after it
+
+
+def default_signals() -> None:
+    """preexec_fn: the launch signals at their defaults in the child, whatever the test run inherited."""
+    for sig in LAUNCH_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def start(
+    command: list[str], log: Path, environ: dict[str, str] | None = None, **variables: object
+) -> subprocess.Popen:
+    """`command` in a session of its own, output to `log`, in `environ` (default: `env(**variables)`)."""
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
-        return subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=env(**variables), start_new_session=True
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env(**variables) if environ is None else environ,
+            start_new_session=True,
+            preexec_fn=default_signals,
         )
+    STARTED.append(process)
+    return process
+
+
+def stop_started() -> None:
+    """Kills what the test's launches left running (a failed assertion or a timeout skips their `finish`)."""
+    kill_all([p for p in STARTED if p.poll() is None])
+    STARTED.clear()
 
 
 def descendants(pid: int) -> list[int]:
@@ -92,13 +121,14 @@ def kill_all(processes: list[subprocess.Popen]) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        p.wait()
+        p.wait(timeout=30)  # SIGKILLed: only a process stuck in the kernel outlives this
 
 
-def finish(processes: list[subprocess.Popen], logs: list[Path]) -> list[int]:
+def finish(processes: list[subprocess.Popen], logs: list[Path], timeout: float = TIMEOUT) -> list[int]:
     """Exit codes; on a timeout every process of the launch is killed and the test fails with the logs."""
+    deadline = time.monotonic() + timeout
     try:
-        return [p.wait(timeout=TIMEOUT) for p in processes]
+        return [p.wait(timeout=max(deadline - time.monotonic(), 0.1)) for p in processes]
     except subprocess.TimeoutExpired:
         kill_all(processes)
         pytest.fail("launch timed out:\n" + logs_text(logs)[-4000:])

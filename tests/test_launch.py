@@ -27,10 +27,21 @@ from launch_helpers import (
     metrics_steps,
     overrides,
     start,
+    stop_started,
     wait_for,
 )
 
 SCRIPTS = ["single_node.sh", "multinode.sh", "slurm.sbatch"]
+QUICK = 60  # seconds for a launcher that only checks its arguments or prints
+FAKE_TIMEOUT = 60  # seconds for a launch of the fake torchrun to end once stopped
+# A real launch (1-3 min on 2 cores): over `finish`'s 600 s, so a hung launch fails there, with its logs.
+LAUNCH_TEST_TIMEOUT = 900
+
+
+@pytest.fixture(autouse=True)
+def _no_launch_outlives_its_test():
+    yield
+    stop_started()
 
 
 # ---- fast: syntax, usage, the torchrun command line, the stop logic ------------------------------------------------
@@ -38,21 +49,21 @@ SCRIPTS = ["single_node.sh", "multinode.sh", "slurm.sbatch"]
 
 @pytest.mark.parametrize("name", [*SCRIPTS, "lib.sh"])
 def test_scripts_parse(name):
-    result = subprocess.run(["bash", "-n", str(LAUNCH / name)], capture_output=True, text=True)
+    result = subprocess.run(["bash", "-n", str(LAUNCH / name)], capture_output=True, text=True, timeout=QUICK)
     assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_scripts_are_executable_and_explain_themselves(name):
     assert os.access(LAUNCH / name, os.X_OK), f"chmod +x launch/{name}"
-    result = subprocess.run([str(LAUNCH / name), "--help"], capture_output=True, text=True, env=env())
+    result = subprocess.run([str(LAUNCH / name), "--help"], capture_output=True, text=True, env=env(), timeout=QUICK)
     assert result.returncode == 0, result.stderr
     assert "Hydra override" in result.stdout and "NPROC_PER_NODE" in result.stdout
     assert not any(line.startswith("#") for line in result.stdout.splitlines())  # comment marks stripped
 
 
 def test_multinode_usage_lists_its_variables():
-    text = subprocess.run([str(LAUNCH / "multinode.sh"), "-h"], capture_output=True, text=True).stdout
+    text = subprocess.run([str(LAUNCH / "multinode.sh"), "-h"], capture_output=True, text=True, timeout=QUICK).stdout
     for name in ["NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ENDPOINT", "RDZV_ID", "MAX_RESTARTS"]:
         assert name in text, name
 
@@ -72,14 +83,20 @@ def test_multinode_usage_lists_its_variables():
 )
 def test_multinode_names_the_variable_to_fix(variables, message):
     result = subprocess.run(
-        [str(LAUNCH / "multinode.sh")], capture_output=True, text=True, env=env(**{"NPROC_PER_NODE": 1, **variables})
+        [str(LAUNCH / "multinode.sh")],
+        capture_output=True,
+        text=True,
+        env=env(**{"NPROC_PER_NODE": 1, **variables}),
+        timeout=QUICK,
     )
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "--help" in result.stderr
 
 
 def test_sbatch_outside_slurm_is_a_clear_error():
-    result = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch")], capture_output=True, text=True, env=env())
+    result = subprocess.run(
+        ["bash", str(LAUNCH / "slurm.sbatch")], capture_output=True, text=True, env=env(), timeout=QUICK
+    )
     assert result.returncode == 2 and "submit this with sbatch" in result.stderr
 
 
@@ -115,7 +132,7 @@ def fake_python(tmp_path):
 
 def torchrun_args(script: str, fake: dict, *hydra: str, **variables: object) -> list[str]:
     result = subprocess.run(
-        [str(LAUNCH / script), *hydra], capture_output=True, text=True, env=env(**fake, **variables)
+        [str(LAUNCH / script), *hydra], capture_output=True, text=True, env=env(**fake, **variables), timeout=QUICK
     )
     assert result.returncode == 0, result.stderr
     return (fake["FAKE_OUT"] / "torchrun_args").read_text().splitlines()
@@ -171,7 +188,7 @@ def test_sigterm_reaches_the_worker_and_the_launcher_exits_with_its_status(fake_
     os.kill(launcher.pid, signal.SIGTERM)
     time.sleep(0.2)
     started = descendants(launcher.pid)
-    assert finish([launcher], [log]) == [0] and (tmp_path / "saved").exists(), log.read_text()
+    assert finish([launcher], [log], timeout=FAKE_TIMEOUT) == [0] and (tmp_path / "saved").exists(), log.read_text()
     assert "the workers save a checkpoint" in log.read_text()
     assert_nothing_left(started)
 
@@ -183,11 +200,13 @@ def test_ctrl_c_twice_kills_the_worker(fake_python, tmp_path):
     launcher = start([str(LAUNCH / "single_node.sh")], log, **fake, FAKE_WORKER=worker, NPROC_PER_NODE=1)
     wait_for(lambda: (tmp_path / "ready").exists(), [launcher], [log], "the fake worker", timeout=60)
     os.kill(launcher.pid, signal.SIGINT)
+    asked = "SIGINT: the workers save a checkpoint"  # the launcher acted on it (a Ctrl-C it ignores says nothing)
+    wait_for(lambda: asked in log.read_text(), [launcher], [log], "the first Ctrl-C to reach the worker", timeout=30)
     time.sleep(0.5)
     assert launcher.poll() is None  # the first Ctrl-C asks; the worker keeps "saving"
     started = descendants(launcher.pid)
     os.kill(launcher.pid, signal.SIGINT)
-    rc = finish([launcher], [log])[0]
+    rc = finish([launcher], [log], timeout=FAKE_TIMEOUT)[0]
     assert_nothing_left(started)
     # torchrun's status passed on: its worker was killed (137), or torchrun itself was stopped first (129).
     assert rc in (128 + signal.SIGKILL, 128 + signal.SIGHUP), log.read_text()
@@ -212,7 +231,8 @@ def test_a_stop_before_any_worker_started_ends_torchrun(fake_python, tmp_path):
     wait_for(lambda: _waiting_in_sleep(launcher.pid), [launcher], [log], "the fake torchrun's rendezvous", timeout=60)
     torchrun = descendants(launcher.pid)
     os.kill(launcher.pid, signal.SIGTERM)
-    assert finish([launcher], [log]) == [128 + signal.SIGHUP], log.read_text()  # torchrun's status, passed on
+    rc = finish([launcher], [log], timeout=FAKE_TIMEOUT)[0]
+    assert rc == 128 + signal.SIGHUP, log.read_text()  # torchrun's status, passed on
     assert "nothing to save" in log.read_text()
     assert not any(Path(f"/proc/{pid}").exists() for pid in torchrun)
 
@@ -232,6 +252,7 @@ def test_sbatch_derives_the_rendezvous_from_slurm(tmp_path):
         ["bash", str(LAUNCH / "slurm.sbatch"), "run.dir=r", "run.name=a b"],
         capture_output=True,
         text=True,
+        timeout=QUICK,
         env=slurm_env(
             bin_dir,
             tmp_path,
@@ -321,6 +342,7 @@ def node_launchers(run_dir: Path, tmp_path: Path, tag: str, hydra: list[str], **
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(LAUNCH_TEST_TIMEOUT)
 def test_two_nodes_over_loopback_train_to_the_end(tmp_path):
     run_dir = tmp_path / "run"
     processes, logs = node_launchers(
@@ -340,6 +362,7 @@ def test_two_nodes_over_loopback_train_to_the_end(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(LAUNCH_TEST_TIMEOUT)
 def test_sigterm_to_both_nodes_saves_and_the_next_launch_resumes(tmp_path):
     """As SLURM does at preemption: SIGTERM to every node's launcher mid-run; the relaunch (c10d rendezvous this
     time) resumes from the checkpoint and finishes."""
@@ -370,19 +393,17 @@ def test_sigterm_to_both_nodes_saves_and_the_next_launch_resumes(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(LAUNCH_TEST_TIMEOUT)
 def test_sbatch_preemption_notice_saves_and_requeues(tmp_path):
     """slurm.sbatch run with bash, fake SLURM variables and stub srun / scontrol / scancel on one node: SIGTERM to
     the batch shell (what --signal=B:TERM@120 does) reaches the workers, which save; REQUEUE=1 requeues the job."""
     run_dir, total = tmp_path / "run", 1 + 40
     bin_dir, log = stub_slurm(tmp_path), tmp_path / "batch.log"
-    with open(log, "wb") as out:
-        batch = subprocess.Popen(
-            ["bash", str(LAUNCH / "slurm.sbatch"), *overrides(run_dir, total - 1)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env=slurm_env(bin_dir, tmp_path, MASTER_PORT=free_port(), NPROC_PER_NODE=1, REQUEUE=1),
-        )
+    batch = start(
+        ["bash", str(LAUNCH / "slurm.sbatch"), *overrides(run_dir, total - 1)],
+        log,
+        slurm_env(bin_dir, tmp_path, MASTER_PORT=free_port(), NPROC_PER_NODE=1, REQUEUE=1),
+    )
     wait_for(lambda: len(metrics_steps(run_dir)) >= 3, [batch], [log], "3 training steps")
     os.kill(batch.pid, signal.SIGTERM)
     assert finish([batch], [log]) == [0], log.read_text()[-4000:]
@@ -394,6 +415,7 @@ def test_sbatch_preemption_notice_saves_and_requeues(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(LAUNCH_TEST_TIMEOUT)
 def test_the_default_engine_trains_data_parallel_and_evaluates_under_zero3(tmp_path):
     """`launch/single_node.sh` with two processes and no engine= override: engine=auto picks DeepSpeed (here at
     ZeRO-3, which gathers weights collectively), says so, and every rank runs the periodic and final evaluation."""

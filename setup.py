@@ -25,7 +25,7 @@ setup(
         "av>=14",  # PyAV: video decoding (its wheels bundle FFmpeg with H.264, VP9 and AV1 decoders)
     ],
     extras_require={
-        "dev": ["pytest>=7", "matplotlib>=3.7", "ruff==0.17.6"],
+        "dev": ["pytest>=7", "pytest-timeout>=2.4,<3", "matplotlib>=3.7", "ruff==0.17.6"],
         "gpu": ["flash-attn>=2.6", "liger-kernel>=0.5"],
     },
     entry_points={

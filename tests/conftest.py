@@ -42,3 +42,14 @@ def make_config(*overrides: str) -> Config:
     with initialize_config_module(config_module="vlm_train.conf", version_base=None):
         cfg = compose("config", overrides=[*SMALL_DATA, *overrides])
     return OmegaConf.to_object(cfg)
+
+
+# pytest.ini's `timeout` (pytest-timeout, the dev extra) bounds every test; a `slow` test trains for real, in
+# launches whose own timeouts are 600-900 s, so it gets this unless it sets its own @pytest.mark.timeout.
+SLOW_TIMEOUT = 1200
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT))

@@ -177,10 +177,15 @@ def test_the_step_loss_and_gradients_do_not_depend_on_how_samples_split_into_mic
         result = draft_forward_backward(engine, packs, cfg)
         draft = draft_of(vlm)
         assert not draft.embed_tokens.weight.requires_grad and not any(p.requires_grad for p in vlm.llm.parameters())
-        return result, {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+        # Every trainable draft weight has a gradient (an empty or partial set below would compare nothing).
+        trainable = {n for n, p in draft.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.clone() for n, p in draft.named_parameters() if p.grad is not None}
+        assert "fc.weight" in trainable and grads.keys() == trainable, sorted(trainable ^ grads.keys())
+        return result, grads
 
     one, one_grads = step([collate(samples)])
     three, three_grads = step([collate([s]) for s in samples])
+    assert one_grads.keys() == three_grads.keys()
     assert one.loss == pytest.approx(three.loss, rel=1e-5)
     for key in ("draft/acc_0", "draft/loss_2", "draft/positions_1", "draft/simulated_acceptance_length"):
         assert one.extra[key] == pytest.approx(three.extra[key], rel=1e-5), key

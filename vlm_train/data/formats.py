@@ -5,7 +5,9 @@ Formats (a source names one, or `auto` detects it from the members):
 - conversation: `key.json` with LLaVA "conversations" and images `key.jpg` or `key.0.jpg`, `key.1.jpg`, ...
   in placeholder order; `<box>[x1,y1,x2,y2]</box>` / `<point>[x,y]</point>` in the text become 000-999 text;
 - grounding: `key.json` with "phrase" and "box" or "point" (or lists of them), in "pixels" or "normalized";
-- text: `key.json` with "text", or `key.txt` alone when the source says format: text.
+- text: `key.json` with "text", or `key.txt` alone when the source says format: text;
+- interleaved: `key.json` with OBELICS' `texts` / `images` (images `key.0.jpg`, `key.1.jpg`, ...) or MMC4's
+  `text_list` / `image_info` (images inline as `image_base64`, or members `key.<image_name>`).
 
 Videos go where images go: `key.mp4|webm|mkv|avi|mov` (one), `key.0.mp4`, `key.1.webm`, ... (several), or a frame
 folder `key.frames.000.jpg`, `key.frames.001.jpg`, ... with "fps" in `key.json`. A caption sample holds one image
@@ -14,6 +16,7 @@ or one video; a conversation holds one `<image>` per image and one `<video>` per
 
 from __future__ import annotations
 
+import base64
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -121,7 +124,7 @@ def _members(raw: dict[str, Any]) -> list[str]:
 def detect_format(raw: dict[str, Any], record: dict | None) -> str:
     """The format a sample's members imply (for sources with format: auto)."""
     if is_interleaved(record):
-        return INTERLEAVED  # OBELICS / MMC4 documents
+        return INTERLEAVED  # OBELICS or MMC4 documents
     if record is not None and "conversations" in record:
         return "conversation"
     if record is not None and (record.get("task") == "grounding" or {"box", "boxes", "point", "points"} & set(record)):
@@ -373,18 +376,50 @@ def parse_sample(
 
 INTERLEAVED = "interleaved"
 ENTRIES = "entries"  # meta key: the document's entries in order, a text (str) or an image's index (int)
-TEXT_SEPARATOR = "\n\n"  # between two text entries; an image sits directly between its vision start and end
+SEPARATOR = "separator"  # meta key: what joins two text entries in a row (TEXT_SEPARATOR or SENTENCE_SEPARATOR)
+TEXT_SEPARATOR = "\n\n"  # between two OBELICS paragraphs; an image sits directly between its vision start and end
+SENTENCE_SEPARATOR = " "  # between two MMC4 sentences, which are cut from running text (OpenFlamingo joins them so)
+OBELICS, MMC4 = "obelics", "mmc4"
+
+
+def interleaved_layout(record: dict | None) -> str | None:
+    """OBELICS (parallel `texts` / `images` lists), MMC4 (`text_list` / `image_info`), or None."""
+    if record is None:
+        return None
+    if isinstance(record.get("texts"), list) and isinstance(record.get("images"), list):
+        return OBELICS
+    if isinstance(record.get("text_list"), list) and isinstance(record.get("image_info"), list):
+        return MMC4
+    return None
 
 
 def is_interleaved(record: dict | None) -> bool:
-    """Whether a sample JSON has the interleaved layout (for format auto)."""
-    return record is not None and isinstance(record.get("texts"), list) and isinstance(record.get("images"), list)
+    """Whether a sample JSON has an interleaved layout (for format auto)."""
+    return interleaved_layout(record) is not None
 
 
 def parse_interleaved(key: str, source: str, raw: dict[str, Any], record: dict | None, max_pixels: int) -> Sample:
-    """One document sample from its JSON's `texts` / `images` and the numbered image members."""
-    if not is_interleaved(record):
-        raise SkipSample("bad_interleaved", "an interleaved sample needs a json with lists `texts` and `images`")
+    """One document sample from its JSON: OBELICS' `texts` / `images` with numbered image members, or MMC4's
+    `text_list` / `image_info` with each image inline (`image_base64`) or the member its `image_name` names."""
+    layout = interleaved_layout(record)
+    if layout == OBELICS:
+        entries, decoded = _obelics_entries(raw, record, max_pixels)
+        separator = TEXT_SEPARATOR
+    elif layout == MMC4:
+        entries, decoded = _mmc4_entries(raw, record, max_pixels)
+        separator = SENTENCE_SEPARATOR
+    else:
+        raise SkipSample(
+            "bad_interleaved",
+            "an interleaved sample needs a json with lists `texts` and `images` (OBELICS) or `text_list` and "
+            "`image_info` (MMC4)",
+        )
+    if not any(isinstance(e, str) for e in entries):
+        raise SkipSample("empty_text", "an interleaved document without text")
+    return document_sample(key, source, entries, decoded, separator)
+
+
+def _obelics_entries(raw: dict[str, Any], record: dict, max_pixels: int) -> tuple[list[str | int], list[Image.Image]]:
     texts, images = record["texts"], record["images"]
     if len(texts) != len(images):
         raise SkipSample("bad_interleaved", f"{len(texts)} texts but {len(images)} images entries")
@@ -402,21 +437,71 @@ def parse_interleaved(key: str, source: str, raw: dict[str, Any], record: dict |
         member = _image_member(raw, len(decoded))
         decoded.append(decode_image(raw[member], max_pixels))
         entries.append(len(decoded) - 1)
-    if not any(isinstance(e, str) for e in entries):
-        raise SkipSample("empty_text", "an interleaved document without text")
-    return document_sample(key, source, entries, decoded)
+    return entries, decoded
 
 
 def _image_member(raw: dict[str, Any], number: int) -> str:
     for ext in IMAGE_EXTENSIONS:
         if f"{number}.{ext}" in raw:
             return f"{number}.{ext}"
-    members = sorted(k for k in raw if not k.startswith("__"))
-    raise SkipSample("missing_image", f"image entry {number} has no member {number}.jpg|png|..., members {members}")
+    raise SkipSample(
+        "missing_image", f"image entry {number} has no member {number}.jpg|png|..., members {_members(raw)}"
+    )
 
 
-def document_sample(key: str, source: str, entries: list[str | int], images: list[Image.Image]) -> Sample:
-    """A "text" sample of these entries; image indices refer to `images` and are renumbered in order."""
+def _mmc4_entries(raw: dict[str, Any], record: dict, max_pixels: int) -> tuple[list[str | int], list[Image.Image]]:
+    """Each sentence, then the images matched to it (`matched_text_index`) in their `image_info` order."""
+    sentences, infos = record["text_list"], record["image_info"]
+    after: dict[int, list[int]] = {}  # sentence index -> the image_info indices placed after it
+    for number, info in enumerate(infos):
+        if not isinstance(info, dict):
+            raise SkipSample("bad_interleaved", f"image_info[{number}] is {type(info).__name__}, not an object")
+        index = info.get("matched_text_index")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(sentences):
+            raise SkipSample(
+                "bad_matched_text_index",
+                f"image_info[{number}] has matched_text_index {index!r}, not an index into the "
+                f"{len(sentences)} sentences of text_list",
+            )
+        after.setdefault(index, []).append(number)
+    entries: list[str | int] = []
+    decoded: list[Image.Image] = []
+    for index, sentence in enumerate(sentences):
+        if not isinstance(sentence, str):
+            raise SkipSample("bad_interleaved", f"text_list[{index}] is {type(sentence).__name__}, not a string")
+        if sentence.strip():
+            entries.append(sentence.strip())
+        for number in after.get(index, []):
+            decoded.append(decode_image(_mmc4_image(raw, infos[number], number), max_pixels))
+            entries.append(len(decoded) - 1)
+    return entries, decoded
+
+
+def _mmc4_image(raw: dict[str, Any], info: dict, number: int) -> bytes:
+    """An MMC4 image's bytes: inline as `image_base64` (OpenFlamingo's shards), else the member named by its
+    `image_name` (`<key>.<image_name>` in the tar, whose reader lower-cases member suffixes)."""
+    inline = info.get("image_base64")
+    if isinstance(inline, str):
+        try:  # not validated: line-wrapped base64 decodes; other stray characters end as a corrupt_image
+            return base64.b64decode(inline)
+        except ValueError as exc:  # bad padding (binascii.Error), non-ASCII text
+            raise SkipSample("corrupt_image", f"image_info[{number}].image_base64: {exc}") from exc
+    name = info.get("image_name")
+    for member in (name, name.lower()) if isinstance(name, str) else ():
+        if member in raw:
+            return raw[member]
+    raise SkipSample(
+        "missing_image",
+        f"image_info[{number}] has no image_base64 and no member named by its image_name {name!r}, "
+        f"members {_members(raw)}",
+    )
+
+
+def document_sample(
+    key: str, source: str, entries: list[str | int], images: list[Image.Image], separator: str = TEXT_SEPARATOR
+) -> Sample:
+    """A "text" sample of these entries, `separator` between two text entries in a row; image indices refer to
+    `images` and are renumbered in order."""
     text, used = "", []
     for i, entry in enumerate(entries):
         if isinstance(entry, int):
@@ -424,12 +509,12 @@ def document_sample(key: str, source: str, entries: list[str | int], images: lis
             used.append(images[entry])
             continue
         if i and isinstance(entries[i - 1], str):
-            text += TEXT_SEPARATOR
+            text += separator
         text += entry
     renumbered, n = [], 0
     for entry in entries:
         renumbered.append(n if isinstance(entry, int) else entry)
         n += isinstance(entry, int)
-    answer = TEXT_SEPARATOR.join(e for e in entries if isinstance(e, str))
-    meta = {ENTRIES: renumbered, "answer": answer, "format": INTERLEAVED}
+    answer = separator.join(e for e in entries if isinstance(e, str))
+    meta = {ENTRIES: renumbered, SEPARATOR: separator, "answer": answer, "format": INTERLEAVED}
     return Sample(key, source, "text", used, [Turn("text", text)], meta)

@@ -162,6 +162,9 @@ class EvalConfig:
     max_new_tokens: int = 32
     prompts_per_pack: int = 64
     show_examples: int = 4
+    # the first N held-out examples with their pictures (the image, or a video's frames side by side), for a W&B
+    # table at each evaluation (0: none)
+    table_examples: int = 16
 
 
 @dataclass

@@ -5,7 +5,8 @@ overall and per set (source) and task. Scores: caption exact match and grounding
 000-999 box) from greedy answers to the first `num_caption` / `num_grounding` samples. Samples are read from the
 shards once, when first needed, and reused on every call. The model's train/eval mode is restored. Under
 DeepSpeed ZeRO-3 call it on every rank (the forward passes gather parameters collectively): every rank evaluates
-the same samples, so the figures are the same on every rank.
+the same samples, so the figures are the same on every rank. The result also carries small pictures of the first
+`eval.table_examples` examples (made once), which `table_rows` pairs with their predictions for a W&B table.
 
     evaluator = HeldoutEvaluator({"heldout": urls}, encoder, cfg.eval, cfg.data.image.max_decode_pixels)
     result = evaluator.evaluate(model, device)  # result.metrics: {"heldout_loss": ..., "heldout_exact_match": ...}
@@ -21,13 +22,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.collate import collate
 from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import EncodedSample, Encoder
-from vlm_train.data.formats import DEFAULT_FACTOR, Sample
+from vlm_train.data.formats import DEFAULT_FACTOR, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Sample
 from vlm_train.data.grounding import box_iou, parse_box
 from vlm_train.data.loader import iter_samples, pack_for_generation
 from vlm_train.data.video import VideoConfig
@@ -43,6 +46,8 @@ DEFAULT_SET = "heldout"
 IOU_THRESHOLD = 0.5
 PREDICTIONS_FILE = "heldout_predictions.jsonl"
 SCORES = (("caption", "heldout_exact_match"), ("grounding", "heldout_grounding_acc"))
+PICTURE_HEIGHT = 224  # pictures taller than this are scaled down to it
+PICTURE_TILES = 8  # images and video frames side by side in one picture, at most
 
 
 @dataclass
@@ -61,6 +66,44 @@ class HeldoutResult:
     metrics: dict[str, float | None]  # a score with no samples is None
     predictions: list[Prediction] = field(default_factory=list)
     seconds: float = 0.0
+    # uint8 [H, W, 3] pictures of the first predictions' samples (eval.table_examples; None: a sample without one)
+    pictures: list[np.ndarray | None] = field(default_factory=list)
+
+
+def picture(sample: Sample, height: int = PICTURE_HEIGHT, max_tiles: int = PICTURE_TILES) -> np.ndarray | None:
+    """What a reader of the examples sees of a sample, uint8 [H, W, 3]: its images, then each video's frames (a
+    longer video: evenly spaced ones), side by side at the height of the tallest (at most `height`), at most
+    `max_tiles` of them; None for a sample without either."""
+    tiles = [np.asarray(image.convert("RGB")) for image in sample.images]
+    for video in sample.videos:
+        count = min(len(video.frames), max(max_tiles - len(tiles), 1))
+        tiles += [video.frames[int(i)] for i in np.linspace(0, len(video.frames) - 1, count).round()]
+    tiles = tiles[:max_tiles]
+    if not tiles:
+        return None
+    tall = min(max(tile.shape[0] for tile in tiles), height)
+    resized = [
+        tile
+        if tile.shape[0] == tall
+        else np.asarray(Image.fromarray(tile).resize((max(round(tile.shape[1] * tall / tile.shape[0]), 1), tall)))
+        for tile in tiles
+    ]
+    return np.concatenate(resized, axis=1)
+
+
+def table_rows(result: HeldoutResult) -> list[dict[str, Any]]:
+    """The examples that have pictures as rows of metrics.EXAMPLE_COLUMNS, for MetricsLogger.log_examples."""
+    return [
+        {
+            "image": image,
+            "prompt": p.prompt.replace(IMAGE_PLACEHOLDER, "").replace(VIDEO_PLACEHOLDER, "").strip(),
+            "prediction": p.generated,
+            "reference": p.expected,
+            "correct": p.correct,
+            "task": p.task,
+        }
+        for p, image in zip(result.predictions, result.pictures)
+    ]
 
 
 def _check_urls(sets: Mapping[str, list[str]]) -> None:
@@ -205,6 +248,7 @@ class HeldoutEvaluator:
         self.skipped = 0  # held-out samples that could not be encoded (counted, not fatal)
         self._packs: list[PackedBatch] | None = None
         self._task_samples: list[Sample] | None = None
+        self._pictures: list[np.ndarray | None] | None = None
 
     @classmethod
     def from_setup(
@@ -240,6 +284,12 @@ class HeldoutEvaluator:
             )
         return self._task_samples
 
+    def pictures(self) -> list[np.ndarray | None]:
+        """Pictures of the first `table_examples` task samples, made once: small next to the samples themselves."""
+        if self._pictures is None:
+            self._pictures = [picture(sample) for sample in self.task_samples()[: max(self.cfg.table_examples, 0)]]
+        return self._pictures
+
     def evaluate(self, model: VLM, device: torch.device) -> HeldoutResult:
         """Loss and scores of `model` (left in the train/eval mode it came in), with every prediction."""
         started = time.perf_counter()
@@ -252,7 +302,7 @@ class HeldoutEvaluator:
             model.train(was_training)
         metrics.update(score(predictions))
         metrics["heldout_skipped"] = float(self.skipped)
-        return HeldoutResult(metrics, predictions, time.perf_counter() - started)
+        return HeldoutResult(metrics, predictions, time.perf_counter() - started, self.pictures())
 
     def __call__(self, model: VLM, device: torch.device) -> dict[str, float | None]:
         return self.evaluate(model, device).metrics

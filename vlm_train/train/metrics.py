@@ -1,14 +1,22 @@
-"""Metrics sinks (rank 0 only): a console progress line, metrics.jsonl in the run folder, and W&B when enabled."""
+"""Metrics sinks (rank 0 only): a console progress line, metrics.jsonl in the run folder, and W&B when enabled.
+
+The console and metrics.jsonl get the scalars of every step; W&B gets them too, and also what only a dashboard
+shows: histograms (the pack fill of the step's packs) and the held-out examples as a table with their pictures.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import secrets
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from vlm_train.data.batch import PackedBatch
 from vlm_train.jsonio import dumps
 from vlm_train.train.config import LoggerConfig
 from vlm_train.train.schedule import Position
@@ -16,6 +24,10 @@ from vlm_train.train.step import StepResult
 
 log = logging.getLogger("vlm_train")
 METRICS_FILE = "metrics.jsonl"
+WANDB_RUN_FILE = "wandb_run.json"  # the W&B run id of the run folder's latest fresh start
+EXAMPLES_KEY = "heldout/examples"
+EXAMPLE_COLUMNS = ("image", "prompt", "prediction", "reference", "correct", "task")
+FILL_BINS = 20  # pack fill histograms: bins of 5% over [0, 1], the same every step
 
 
 def format_duration(seconds: float) -> str:
@@ -70,8 +82,32 @@ def step_record(
     return record
 
 
+def pack_fills(packs: Sequence[PackedBatch], llm_budget: int, vit_budget: int) -> dict[str, list[float]]:
+    """Each pack's LLM fill (tokens / llm_budget) and ViT fill (patches / vit_budget), for `log(histograms=...)`;
+    the means are step_record's packing/llm_fill and packing/vit_fill."""
+    return {
+        "packing/llm_fill_per_pack": [pack.num_tokens / llm_budget for pack in packs],
+        "packing/vit_fill_per_pack": [pack.num_patches / vit_budget for pack in packs],
+    }
+
+
+def wandb_run_id(run_dir: Path, resumed: bool) -> str:
+    """The W&B run this launch logs to: a launch that resumes from a checkpoint continues the run of its folder's
+    last fresh start; a fresh start (a new folder, or train.resume=never in a used one) begins a new W&B run, since
+    its steps start again at 1 and W&B drops steps that do not move forward."""
+    path = run_dir / WANDB_RUN_FILE
+    if resumed and path.is_file():
+        return str(json.loads(path.read_text())["id"])
+    run_id = secrets.token_hex(8)
+    path.write_text(dumps({"id": run_id}) + "\n")
+    return run_id
+
+
 class MetricsLogger:
-    """One `log(metrics)` per optimizer step; every sink sees the same numbers. Off on ranks other than 0."""
+    """One `log(metrics)` per optimizer step; every sink sees the same numbers. Off on ranks other than 0.
+
+    `start_step` is the step the launch resumes after (0: a fresh start); it decides the W&B run (wandb_run_id).
+    """
 
     def __init__(
         self,
@@ -95,6 +131,7 @@ class MetricsLogger:
         if cfg.wandb and enabled:
             import wandb  # only when asked for: it is slow to import
 
+            run_id = wandb_run_id(run_dir, resumed=start_step > 0)
             # The API key is read by wandb from the environment (WANDB_API_KEY); it never enters the config.
             self.wandb_run = wandb.init(
                 project=cfg.wandb_project,
@@ -103,12 +140,13 @@ class MetricsLogger:
                 mode=cfg.wandb_mode or None,
                 dir=str(run_dir),
                 config=config,
-                # One W&B run per run folder: a resumed launch continues it.
-                id=hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16],
-                resume="allow",
+                id=run_id,
+                resume="allow",  # a resumed run that was never synced (offline) is created instead
             )
+            log.info("W&B run %s (%s)", run_id, f"continued after step {start_step}" if start_step else "new")
 
-    def log(self, metrics: dict[str, Any]) -> None:
+    def log(self, metrics: dict[str, Any], histograms: dict[str, Sequence[float]] | None = None) -> None:
+        """The step's scalars to every sink; `histograms` (name -> values, e.g. pack_fills) to W&B only."""
         self.last = metrics
         if not self.enabled:
             return
@@ -118,7 +156,9 @@ class MetricsLogger:
         self.file.write(dumps(metrics) + "\n")
         self.file.flush()
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in metrics.items() if k != "step" and v is not None}, step=step)
+            row = {k: v for k, v in metrics.items() if k != "step" and v is not None}
+            row.update({name: fill_histogram(values) for name, values in (histograms or {}).items() if len(values)})
+            self.wandb_run.log(row, step=step)
         if step == 1 or step % max(self.cfg.console_interval, 1) == 0 or step == self.total_steps:
             elapsed = time.perf_counter() - self.start
             done = max(step - self.start_step, 1)
@@ -138,6 +178,19 @@ class MetricsLogger:
                 format_duration(eta),
             )
 
+    def log_examples(self, step: int, rows: Sequence[dict[str, Any]]) -> None:
+        """Held-out examples (evaluator.table_rows) as a W&B table at `step`: one row per example, its picture an
+        image. Call it before or after that step's `log`, never after a later step's (W&B would drop it)."""
+        if self.wandb_run is None or not rows:
+            return
+        import wandb
+
+        table = wandb.Table(columns=list(EXAMPLE_COLUMNS))
+        for row in rows:
+            image = row["image"]
+            table.add_data(None if image is None else wandb.Image(image), *(row[c] for c in EXAMPLE_COLUMNS[1:]))
+        self.wandb_run.log({EXAMPLES_KEY: table}, step=step)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.wandb_run is not None:
             self.wandb_run.summary.update(values)
@@ -147,3 +200,12 @@ class MetricsLogger:
             self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+def fill_histogram(values: Sequence[float]) -> Any:
+    """A W&B histogram of fills over fixed bins from 0 to 1 (to the largest value if one is over), so that the
+    steps' histograms line up."""
+    import wandb
+
+    top = max(1.0, float(max(values)))
+    return wandb.Histogram(np_histogram=np.histogram(np.asarray(values, dtype=np.float64), FILL_BINS, (0.0, top)))

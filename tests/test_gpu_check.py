@@ -68,8 +68,14 @@ def test_gpu_setup_runs_the_check_in_a_bare_venv_with_the_carried_wheels(tmp_pat
     )
     base = ["torch==2.13.0", "transformers", "safetensors", "pytest"]
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-compile", *base]
-    subprocess.run(pip, env=env, check=True, capture_output=True, timeout=600)
-    fetched = download.communicate(timeout=600)[0].decode()
+    try:
+        installed = subprocess.run(pip, env=env, capture_output=True, text=True, timeout=600)
+        assert installed.returncode == 0, installed.stderr[-3000:]
+        fetched = download.communicate(timeout=600)[0].decode()
+    finally:  # a failed install or a timeout leaves no download running
+        if download.poll() is None:
+            download.kill()
+            download.wait()
     assert download.returncode == 0, fetched[-3000:]
     prepared = time.perf_counter() - started
 

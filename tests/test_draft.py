@@ -154,13 +154,14 @@ def test_a_samples_draft_losses_and_gradients_are_the_same_alone_or_packed_behin
 
 def _engine(vlm: VLM) -> SingleEngine:
     from vlm_train.train.config import TrainConfig
-    from vlm_train.train.curriculum import param_groups, set_stage_trainable
+    from vlm_train.train.curriculum import param_groups
+    from vlm_train.train.kinds import stage_kind
 
     stage = StageConfig(name="draft", kind="draft", steps=1, trainable=["draft.*"])
     engine = SingleEngine(vlm, TrainConfig(), torch.device("cpu"), bf16=False)
 
     def groups(module):
-        set_stage_trainable(module, stage)
+        stage_kind("draft").set_trainable(module, stage)
         return param_groups(module, stage, {"draft": ["draft.*"]}, TrainConfig())
 
     engine.start_stage(groups, 0)
@@ -308,6 +309,17 @@ def test_eagle3_preset_on_two_ranks_of_zero2_stopped_by_sigterm_resumes_exactly(
     assert "num_layers: 3" in (final / "config.yaml").read_text()
 
 
+def test_an_online_draft_run_builds_its_data_for_the_targets_model_not_the_command_lines(target_run, tmp_path):
+    # The command line's model has 16-px patches and 2 layers; the target has 14-px patches and 3: the packs (patch
+    # size, FLOPs costs) are made for the target, which then reads them.
+    summary = _preset(target_run, tmp_path / "run", "model.vision.patch_size=16", "model.llm.num_layers=2")
+    assert summary["steps"] == 4
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "patch_size: 14" in saved and "num_layers: 3" in saved
+    rows = _rows(tmp_path / "run")
+    assert all(r["draft/positions_0"] > 0 for r in rows)
+
+
 def test_targets_and_settings_the_draft_cannot_use_are_clear_errors(target_run, tmp_path):
     other = tmp_path / "llama"
     other.mkdir()
@@ -324,7 +336,7 @@ def test_targets_and_settings_the_draft_cannot_use_are_clear_errors(target_run, 
     preset = [f"run.dir={tmp_path / 'run'}", "curriculum=eagle3", f"eagle3.target={target_run}", *DRAFT]
     with pytest.raises(ValueError, match=r"a draft stage trains the draft .* also matches \['llm.\*'\]"):
         run(make_config(*preset, "curriculum.stages.0.trainable=[draft.*,llm.*]"))
-    with pytest.raises(ValueError, match="draft stages run under DeepSpeed ZeRO 0-2"):
+    with pytest.raises(ValueError, match="draft stages need whole weights on every rank .* deepspeed ZeRO-3 shards"):
         run(make_config(*preset, "engine=deepspeed", "engine.zero_stage=3"))
     with pytest.raises(ValueError, match="eagle3.ttt_steps must be >= 1"):
         run(make_config(*preset, "eagle3.ttt_steps=0"))

@@ -26,9 +26,9 @@ from vlm_train.data.synthetic import corpus_lines
 from vlm_train.data.tar_reader import fetch_samples, iter_shard
 from vlm_train.data.tokenizer import build_tiny_tokenizer
 from vlm_train.inference import read_data_config
-from vlm_train.model.draft import draft_of
+from vlm_train.model.draft import DRAFT_FILE, draft_of
 from vlm_train.train.builders import add_draft, build_encoder, build_stream
-from vlm_train.train.checkpoint import DRAFT_FILE, resolve_checkpoint
+from vlm_train.train.checkpoint import resolve_checkpoint
 from vlm_train.train.config import Eagle3Config, StageConfig
 from vlm_train.train.draft_objective import choose_vocabulary
 from vlm_train.train.draft_offline import offline_model, open_offline

@@ -21,7 +21,8 @@ from vlm_train.data.loader import pack_for_generation
 from vlm_train.inference import load_draft
 from vlm_train.jsonio import dumps
 from vlm_train.model import VLM
-from vlm_train.model.draft import DraftInputs, DraftShapeConfig, Eagle3Draft, draft_losses, draft_of, without_draft
+from vlm_train.model.attachments import detached
+from vlm_train.model.draft import DraftInputs, DraftShapeConfig, Eagle3Draft, draft_losses, draft_of
 from vlm_train.model.generate import SamplingConfig, generate
 from vlm_train.model.speculative import (
     Eagle3Proposer,
@@ -436,7 +437,7 @@ def test_load_draft_reads_the_saved_draft_and_names_a_missing_one(model, tmp_pat
     for name, tensor in draft_of(model).state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
     assert checkpoint.name == "step_00000005"
-    with without_draft(model):
+    with detached(model):
         save_run(tmp_path / "plain", model)
     with pytest.raises(FileNotFoundError, match="no draft.safetensors: train one with curriculum=eagle3"):
         load_draft(tmp_path / "plain", model)

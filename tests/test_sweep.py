@@ -72,7 +72,6 @@ def test_a_sweep_with_an_explicit_run_dir_puts_each_job_in_a_subfolder(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="trainer.run() still closes the process group that main() opened")
 def test_a_sweep_under_torchrun_keeps_one_folder_per_job_on_every_rank(tmp_path):
     """Both ranks run both jobs in one process group, in the folders rank 0's clock names."""
     result = sweep(tmp_path, "run.seed=0,1", *TINY_RUN, ranks=2)

@@ -25,12 +25,13 @@ from vision_cases import (
 )
 
 from vlm_train.data.collate import collate
-from vlm_train.model.vision_heads import AttentionPool, image_samples
+from vlm_train.model.vision_heads import HEADS_ATTR, AttentionPool, image_samples
 from vlm_train.train.builders import build_data, build_model
-from vlm_train.train.config import GuardConfig, StageConfig, TrainConfig
-from vlm_train.train.curriculum import check_vision_stages, param_groups, set_stage_trainable
+from vlm_train.train.config import Config, GuardConfig, StageConfig, TrainConfig
+from vlm_train.train.curriculum import param_groups
 from vlm_train.train.engines import SingleEngine
 from vlm_train.train.guards import Guard
+from vlm_train.train.kinds import stage_kind
 from vlm_train.train.step import finish_step
 from vlm_train.train.trainer import run
 from vlm_train.train.vision_objective import (
@@ -99,8 +100,8 @@ def test_an_image_and_its_text_embed_the_same_packed_alone_or_behind_others(pool
     model = make_model(pooling).eval()
     s = samples()
     with torch.no_grad():
-        alone = model(collate([s[4]]), vision_pretrain=True)
-        packed = model(collate([s[0], s[1], s[2], s[3], s[4]]), vision_pretrain=True)
+        alone = model(collate([s[4]]), attachment=HEADS_ATTR)
+        packed = model(collate([s[0], s[1], s[2], s[3], s[4]]), attachment=HEADS_ATTR)
     # s[3] is text-only: s[4] is the fourth image and the fifth text of the pack
     torch.testing.assert_close(packed.image_embeds[3], alone.image_embeds[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed.text_embeds[4], alone.text_embeds[0], atol=1e-5, rtol=1e-4)
@@ -169,8 +170,9 @@ def test_the_llm_as_text_tower_trains_when_the_stage_names_it():
     train = TrainConfig(micro_batches=2, grad_clip=1.0)
     engine = SingleEngine(make_model(text_tower="llm"), train, torch.device("cpu"), bf16=False)
     stage = StageConfig(name="vision", kind="vision", steps=1, trainable=["vision.*", "llm.*"])
-    check_vision_stages([stage], objective_config(text_tower="llm"), engine.model)
-    engine.start_stage(lambda m: (set_stage_trainable(m, stage), param_groups(m, stage, {}, train))[1], 0)
+    kind = stage_kind("vision", Config(vision_pretrain=objective_config(text_tower="llm")))
+    kind.check_stage(stage, "curriculum.stages.0 (vision)", engine.model)
+    engine.start_stage(lambda m: (kind.set_trainable(m, stage), param_groups(m, stage, {}, train))[1], 0)
     engine.set_lrs({g["name"]: 1e-3 for g in engine.param_groups()})
     cfg = objective_config(text_tower="llm")
     result = vision_forward_backward(engine, all_packs()[:2], cfg, vocabulary(), IMAGE_PAD, 0, 1)
@@ -187,7 +189,7 @@ def test_the_step_loss_is_the_objective_of_all_pairs_at_once(reference):
     with torch.no_grad():
         for pack in all_packs():
             rows = pack_rows(pack, IMAGE_PAD, vocabulary())
-            out = model(pack, vision_pretrain=True)
+            out = model(pack, attachment=HEADS_ATTR)
             images.append(out.image_embeds[rows.pair_images])
             texts.append(out.text_embeds[rows.pair_texts])
             logits.append(out.label_logits[rows.label_images])
@@ -277,6 +279,24 @@ def test_a_vision_stage_resumes_exactly(tmp_path):
     whole = {r["step"]: r["loss"] for r in rows_of(tmp_path / "whole")}
     parts = {r["step"]: r["loss"] for r in rows_of(tmp_path / "parts")}
     assert parts == whole and len(whole) == 6
+
+
+def test_injected_faults_skip_vision_steps_as_they_skip_vlm_steps(tmp_path):
+    # A NaN loss at step 1 and an inf gradient at step 2, both in the vision stage: each update is skipped (the tower
+    # and heads keep their weights through those steps) and counted by reason; step 3 trains again.
+    faults = ["train.fault.nan_loss_at_steps=[1]", "train.fault.inf_grad_at_steps=[2]", "eval.enabled=false"]
+    cfg = make_config(f"run.dir={tmp_path}", *VISION_RUN, *faults, "train.exit_at_step=2", "checkpoint.keep_last=0")
+    torch.manual_seed(cfg.run.seed)  # the run's initial weights, as the trainer draws them
+    initial = build_model(cfg.model, build_data(cfg.data, cfg.model), vision_pretrain=cfg.vision_pretrain).state_dict()
+    run(cfg)
+    saved = load_file(str(tmp_path / "checkpoints" / "step_00000002" / "model.safetensors"))
+    for name, weight in saved.items():
+        assert torch.equal(weight, initial[name]), name
+    summary = run(make_config(f"run.dir={tmp_path}", *VISION_RUN, *faults))
+    rows = rows_of(tmp_path)
+    assert [r["skipped_step"] for r in rows[:3]] == [1, 1, 0] and rows[0]["stage"] == "vision"
+    assert rows[1]["skipped_steps/nonfinite_loss"] == 1 and rows[1]["skipped_steps/nonfinite_grad_norm"] == 1
+    assert summary["skipped_steps"] == 2
 
 
 def test_vision_stage_config_errors_name_what_to_fix(tmp_path):

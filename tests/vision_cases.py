@@ -13,7 +13,8 @@ from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
 from vlm_train.model import VLM, ModelConfig
 from vlm_train.model.vision_heads import VisionHeads, VisionHeadsConfig, attach_heads
 from vlm_train.train.config import StageConfig, TrainConfig, VisionPretrainConfig
-from vlm_train.train.curriculum import param_groups, set_stage_trainable
+from vlm_train.train.curriculum import param_groups
+from vlm_train.train.kinds import stage_kind
 from vlm_train.train.vision_objective import LabelVocabulary
 
 from helpers import encoder, noise_image, tiny_tokenizer
@@ -75,7 +76,7 @@ def one_pack() -> list:
 
 def start_vision_stage(engine, train: TrainConfig, lr: float = 1e-3) -> None:
     def groups(module):
-        set_stage_trainable(module, STAGE)
+        stage_kind("vision").set_trainable(module, STAGE)
         return param_groups(module, STAGE, {}, train)
 
     engine.start_stage(groups, 0)

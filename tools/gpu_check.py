@@ -42,7 +42,7 @@ from vlm_train.data.encode import Encoder
 from vlm_train.data.formats import IMAGE_PLACEHOLDER, Sample, Turn
 from vlm_train.data.packer import PackConfig, Packer
 from vlm_train.jsonio import dumps
-from vlm_train.model import VLM, ModelConfig, TrainedParts
+from vlm_train.model import VLM, ModelConfig, pack_flops
 from vlm_train.model.attention import backend_problem
 from vlm_train.model.fused_loss import liger_problem
 from vlm_train.train import loss as L
@@ -155,7 +155,9 @@ def train_throughput(
         _sync(device)
         started = time.perf_counter()
         result = forward_backward(engine, [pack], policy)
-        pack_stats(result, [pack], engine, pack.num_tokens, max(pack.num_patches, 1), TrainedParts())
+        pack_stats(
+            result, [pack], pack.num_tokens, max(pack.num_patches, 1), lambda p: pack_flops(model.cfg, p).training
+        )
         result = finish_step(engine, result, guard, stop=False)
         _sync(device)
         losses.append(result.loss)

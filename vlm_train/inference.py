@@ -22,10 +22,10 @@ from vlm_train.data.encode import Encoder
 from vlm_train.data.image import PatchSpec
 from vlm_train.devices import dtype_of
 from vlm_train.model.config import ModelConfig
-from vlm_train.model.draft import DraftShapeConfig, Eagle3Draft
+from vlm_train.model.draft import DRAFT_FILE, DraftShapeConfig, Eagle3Draft
 from vlm_train.model.hf_weights import SafetensorsFolder, load_hf_weights
 from vlm_train.model.vlm import VLM
-from vlm_train.train.checkpoint import DRAFT_FILE, MODEL_FILE, read_checkpoint_file, resolve_checkpoint
+from vlm_train.train.checkpoint import MODEL_FILE, read_checkpoint_file, resolve_checkpoint
 from vlm_train.train.config import Eagle3Config
 
 

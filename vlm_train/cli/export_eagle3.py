@@ -21,9 +21,9 @@ from vlm_train.devices import DTYPES
 from vlm_train.inference import read_config
 from vlm_train.jsonio import dumps
 from vlm_train.model.config import ModelConfig
-from vlm_train.model.draft import DraftShapeConfig, Eagle3Draft
+from vlm_train.model.draft import DRAFT_FILE, DraftShapeConfig, Eagle3Draft
 from vlm_train.model.eagle3_export import ARCHITECTURE, capture_notes, draft_from_state, export_eagle3
-from vlm_train.train.checkpoint import DRAFT_FILE, read_checkpoint_file, resolve_checkpoint
+from vlm_train.train.checkpoint import read_checkpoint_file, resolve_checkpoint
 
 
 def draft_shape(section: dict[str, Any], where: Path) -> DraftShapeConfig:

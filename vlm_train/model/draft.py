@@ -18,21 +18,22 @@ see it); checkpoints keep it apart from the VLM (draft.safetensors).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batch import PackedBatch
+from .attachments import attach, attached_module
 from .config import LLMConfig
 from .llm import Attention, rotary_cos_sin
 from .mlp import SwiGLU
 from .norm import RMSNorm
 
 DRAFT_ATTR = "draft"  # the attribute of the VLM the draft is attached under while training
+DRAFT_FILE = "draft.safetensors"  # its checkpoint file, beside the VLM's
 
 
 @dataclass
@@ -226,6 +227,10 @@ class Eagle3Draft(nn.Module):
         """Draft hidden states [..., D] -> logits over the draft vocabulary [..., N]."""
         return self.lm_head(self.norm(hidden))
 
+    def forward(self, vlm: nn.Module, batch: PackedBatch, inputs: DraftInputs) -> DraftOutput:
+        """The TTT losses on a pack (run as the VLM's attachment, so the engine sees the call; see VLM.forward)."""
+        return draft_losses(self, batch.input_ids, batch.position_ids, batch.cu_seqlens, inputs)
+
     def ttt(
         self,
         input_ids: torch.Tensor,
@@ -302,20 +307,10 @@ def draft_losses(
 
 
 def attach_draft(vlm: nn.Module, draft: Eagle3Draft) -> None:
-    """Attach the draft to the VLM for a run with a draft stage (trained by the same engine and optimizer)."""
-    vlm.add_module(DRAFT_ATTR, draft)
+    """Attach the draft to the VLM for a run with a draft stage (trained by the same engine and optimizer, saved in
+    DRAFT_FILE)."""
+    attach(vlm, DRAFT_ATTR, draft, DRAFT_FILE)
 
 
 def draft_of(vlm: nn.Module) -> Eagle3Draft | None:
-    return getattr(vlm, DRAFT_ATTR, None)
-
-
-@contextlib.contextmanager
-def without_draft(vlm: nn.Module) -> Iterator[Eagle3Draft | None]:
-    """The VLM alone for the duration (saving, loading, exporting); yields the detached draft, if any."""
-    draft = vlm._modules.pop(DRAFT_ATTR, None)
-    try:
-        yield draft  # type: ignore[misc]
-    finally:
-        if draft is not None:
-            vlm._modules[DRAFT_ATTR] = draft
+    return attached_module(vlm, DRAFT_ATTR)  # type: ignore[return-value]

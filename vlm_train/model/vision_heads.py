@@ -11,15 +11,14 @@ runs per image (a segment softmax), so an image's embedding is the same packed a
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..data.batch import IGNORE_INDEX, PackedBatch
+from .attachments import attach, attached_module
 from .config import LLMConfig
 from .llm import DecoderLM
 from .mlp import SwiGLU
@@ -27,6 +26,7 @@ from .norm import RMSNorm
 from .vision_layout import pack_keep
 
 HEADS_ATTR = "vision_heads"  # the attribute of the VLM the heads are attached under while training
+HEADS_FILE = "vision_heads.safetensors"  # their checkpoint file, beside the VLM's
 POOLINGS = ("map", "mean")
 TEXT_TOWERS = ("small", "llm")
 
@@ -245,20 +245,10 @@ class VisionHeads(nn.Module):
 
 
 def attach_heads(vlm: nn.Module, heads: VisionHeads) -> None:
-    """Attach the heads to the VLM for a run with a vision stage (trained by the same engine and optimizer)."""
-    vlm.add_module(HEADS_ATTR, heads)
+    """Attach the heads to the VLM for a run with a vision stage (trained by the same engine and optimizer, saved in
+    HEADS_FILE)."""
+    attach(vlm, HEADS_ATTR, heads, HEADS_FILE)
 
 
 def heads_of(vlm: nn.Module) -> VisionHeads | None:
-    return getattr(vlm, HEADS_ATTR, None)
-
-
-@contextlib.contextmanager
-def without_heads(vlm: nn.Module) -> Iterator[VisionHeads | None]:
-    """The VLM alone for the duration (saving, loading, exporting); yields the detached heads, if any."""
-    heads = vlm._modules.pop(HEADS_ATTR, None)
-    try:
-        yield heads  # type: ignore[misc]
-    finally:
-        if heads is not None:
-            vlm._modules[HEADS_ATTR] = heads
+    return attached_module(vlm, HEADS_ATTR)  # type: ignore[return-value]

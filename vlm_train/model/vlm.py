@@ -6,17 +6,17 @@ import dataclasses
 import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..data.batch import PackedBatch
+from .attachments import attached, attached_module
 from .config import ModelConfig
-from .draft import DRAFT_ATTR, DraftInputs, DraftOutput, draft_losses
 from .llm import DecoderLM
 from .norm import RMSNorm
 from .projector import PatchMerger
-from .vision_heads import HEADS_ATTR
 from .vision_layout import pack_keep
 from .vit import VisionTransformer
 
@@ -130,29 +130,18 @@ class VLM(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
     def forward(
-        self,
-        batch: PackedBatch,
-        return_logits: bool = True,
-        vision_pretrain: bool = False,
-        draft: DraftInputs | None = None,
-    ) -> VLMOutput:
+        self, batch: PackedBatch, return_logits: bool = True, attachment: str = "", **inputs: Any
+    ) -> VLMOutput | Any:
         """Run one pack; logits [T, V] only when `return_logits` (a fused loss may want just the hidden states).
 
-        `vision_pretrain`: the vision stage's outputs instead (a VisionHeadsOutput from the attached vision heads,
-        see vision_heads.py); `draft`: the attached Eagle3 draft's TTT losses on the pack (a DraftOutput, see
-        draft.py). Through forward, so DeepSpeed's engine sees the call."""
-        if draft is not None:
-            return self.draft_forward(batch, draft)  # type: ignore[return-value]
-        if vision_pretrain:
-            heads = getattr(self, HEADS_ATTR, None)
-            if heads is None:
-                raise ValueError("a vision stage needs the vision heads attached (vision_heads.attach_heads)")
-            return heads(self, batch)
+        `attachment`: instead, the output of the module attached under that name (see attachments.py: a vision
+        stage's heads, a draft stage's draft), called as module(self, batch, **inputs), here so that the engine
+        wrapping this model (DeepSpeed) sees the call."""
+        if attachment:
+            module = attached_module(self, attachment)
+            if module is None:
+                names = [part.name for part in attached(self)]
+                raise ValueError(f"no module is attached to the VLM as {attachment!r} (attached: {names})")
+            return module(self, batch, **inputs)
         hidden = self.llm.forward_embeds(self.embed(batch), batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         return VLMOutput(hidden=hidden, logits=self.llm.logits(hidden) if return_logits else None)
-
-    def draft_forward(self, batch: PackedBatch, inputs: DraftInputs) -> DraftOutput:
-        module = getattr(self, DRAFT_ATTR, None)
-        if module is None:
-            raise ValueError("a draft stage needs the Eagle3 draft attached (draft.attach_draft)")
-        return draft_losses(module, batch.input_ids, batch.position_ids, batch.cu_seqlens, inputs)

@@ -105,17 +105,24 @@ def build_model(
         if model.init_vision_from:
             load_vision_from_checkpoint(vlm, model.init_vision_from)
     if vision_pretrain is not None:
-        heads = VisionHeads(
-            vision_pretrain.heads,
-            model.vision.hidden_size,
-            vlm.cfg.llm.hidden_size,
-            vocab_size,
-            len(vision_pretrain.labels),
-            model.attn_backend,
-            model.vision.rms_norm_eps,
-            model.vision.initializer_range,
-        )
-        attach_heads(vlm, heads)
+        add_vision_heads(vlm, vision_pretrain)
+    return vlm
+
+
+def add_vision_heads(vlm: VLM, cfg: VisionPretrainConfig) -> VLM:
+    """Attach fresh vision-stage heads (pooling, projections, text tower) to this VLM (a run with a vision stage)."""
+    vision, llm = vlm.cfg.vision, vlm.cfg.llm
+    heads = VisionHeads(
+        cfg.heads,
+        vision.hidden_size,
+        llm.hidden_size,
+        llm.vocab_size,
+        len(cfg.labels),
+        vlm.cfg.attn_backend,
+        vision.rms_norm_eps,
+        vision.initializer_range,
+    )
+    attach_heads(vlm, heads)
     return vlm
 
 

@@ -4,8 +4,8 @@ complete checkpoint (tools use the same lookup).
 
 Layout of RUN/checkpoints/step_XXXXXXXX/:
   model.safetensors            full model weights (rank 0): the VLM
-  vision_heads.safetensors     a vision stage's heads (pooling, projections, text tower), when the run has them
-  draft.safetensors            an Eagle3 draft (with its vocabulary maps d2t, t2d), when the run has a draft stage
+  vision_heads.safetensors,    each module a stage kind attached to the VLM (model/attachments.py), in the file it
+  draft.safetensors, ...       names: a vision stage's heads, a draft stage's Eagle3 draft (with d2t, t2d)
   trainer_state.json           step, the launch (world size, engine, ZeRO stage) and the shared parts' states
                                (position in the curriculum, guard)
   NAME_rankNNNNN.pt | .json    each per-rank part's state: optimizer and rng as tensors (.pt), loader as JSON
@@ -31,8 +31,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from vlm_train.jsonio import dumps
-from vlm_train.model.draft import without_draft
-from vlm_train.model.vision_heads import without_heads
+from vlm_train.model.attachments import detached
 from vlm_train.train import distributed as D
 from vlm_train.train.config import CheckpointConfig
 
@@ -40,8 +39,6 @@ log = logging.getLogger("vlm_train")
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 MODEL_FILE = "model.safetensors"
-HEADS_FILE = "vision_heads.safetensors"  # a vision stage's pooling head and text tower, not part of the VLM
-DRAFT_FILE = "draft.safetensors"  # a draft stage's Eagle3 draft, not part of the VLM
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -67,8 +64,7 @@ class Launch:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Launch:
-        engine = str(state["engine"])
-        return cls(int(state["world_size"]), engine, None if engine == "single" else state.get("zero_stage"))
+        return cls(int(state["world_size"]), str(state["engine"]), state.get("zero_stage"))
 
     def describe(self) -> str:
         zero = f" zero_stage={self.zero_stage}" if self.zero_stage is not None else ""
@@ -192,19 +188,19 @@ def read_tensors(path: Path, what: str) -> Any:
 
 
 def load_model_weights(model: nn.Module, checkpoint: str | Path) -> None:
-    """Load model.safetensors into `model` (and vision_heads.safetensors into its vision heads, if it has them
-    and the checkpoint too); missing or unexpected weights are an error naming them."""
+    """Load model.safetensors into `model`, and each module attached to it (model/attachments.py) from its own
+    file when the checkpoint has it; missing or unexpected weights are an error naming them."""
     path = Path(checkpoint) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {MODEL_FILE} in checkpoint {checkpoint}")
-    with without_heads(model) as heads, without_draft(model) as draft:
+    with detached(model) as parts:
         _load_exactly(model, path, checkpoint, "weights")
-    for part, name, what in ((heads, HEADS_FILE, "vision heads"), (draft, DRAFT_FILE, "draft")):
-        part_path = Path(checkpoint) / name
-        if part is not None and part_path.is_file():
-            _load_exactly(part, part_path, checkpoint, what)
-        elif part is not None:
-            log.info("%s has no %s: the %s start fresh", checkpoint, name, what)
+    for part in parts:
+        part_path = Path(checkpoint) / part.file
+        if part_path.is_file():
+            _load_exactly(part.module, part_path, checkpoint, part.name)
+        else:
+            log.info("%s has no %s: the %s starts fresh", checkpoint, part.file, part.name)
 
 
 def _load_exactly(module: nn.Module, path: Path, checkpoint: str | Path, what: str) -> None:
@@ -269,13 +265,11 @@ class Checkpointer:
         if main:
             if model is None:
                 raise ValueError("Checkpointer.save needs the model's weights on rank 0")
-            # the VLM alone: what inference, export and merging read
-            with without_heads(model) as heads, without_draft(model) as draft:
+            # the VLM alone: what inference, export and merging read; what trains beside it goes into its own files
+            with detached(model) as parts:
                 save_model(model, str(tmp / MODEL_FILE))  # handles tied embeddings
-            if heads is not None:
-                save_model(heads, str(tmp / HEADS_FILE))
-            if draft is not None:
-                save_model(draft, str(tmp / DRAFT_FILE))
+            for part in parts:
+                save_model(part.module, str(tmp / part.file))
             state = {"step": step, **self.launch.state(), **(info or {})}
             state.update({name: p.part.state_dict() for name, p in self.parts.items() if not p.per_rank})
             (tmp / TRAINER_STATE).write_text(dumps(state, indent=1))

@@ -37,15 +37,12 @@ class LossConfig:
     kernel: str = "chunked"
 
 
-STAGE_KINDS = ("vlm", "vision", "draft")
-
-
 @dataclass
 class StageConfig:
     name: str = MISSING
-    # vlm: the VLM's token loss | vision: the vision tower alone, with the objectives of `vision_pretrain` (its
-    # pooling head and text tower train with it; they are not part of the VLM) | draft: an Eagle3 draft of the
-    # frozen VLM, with the settings of `eagle3` (trainable: draft.*)
+    # What the stage trains (vlm_train/train/kinds/): vlm: the VLM's token loss | vision: the vision tower alone,
+    # with the objectives of `vision_pretrain` (its pooling head and text tower train with it; they are not part of
+    # the VLM) | draft: an Eagle3 draft of the frozen VLM, with the settings of `eagle3` (trainable: draft.*)
     kind: str = "vlm"
     steps: int = 0  # optimizer steps in this stage, or
     tokens: int = 0  # LLM tokens (all ranks together) in this stage: set exactly one of steps and tokens

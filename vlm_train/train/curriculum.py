@@ -13,23 +13,10 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from torch import nn
 
 from vlm_train.data.config import DataConfig
-from vlm_train.model.draft import DRAFT_ATTR
-from vlm_train.model.vision_heads import HEADS_ATTR
-from vlm_train.train.config import (
-    STAGE_KINDS,
-    CurriculumConfig,
-    LossConfig,
-    StageConfig,
-    TrainConfig,
-    VisionPretrainConfig,
-)
+from vlm_train.train.config import CurriculumConfig, LossConfig, StageConfig, TrainConfig
 from vlm_train.train.loss import check_loss
 from vlm_train.train.schedule import DECAY_SHAPES, SCHEDULES, lr_factor
-from vlm_train.train.vision_objective import check_vision_pretrain
 
-HEADS_PREFIX = HEADS_ATTR + "."
-DRAFT_PREFIX = DRAFT_ATTR + "."
-DRAFT_FROZEN = DRAFT_PREFIX + "embed_tokens.*"  # the draft's copy of the target's embedding never trains
 OTHER_GROUP = "other"  # parameters that match no group of curriculum.groups
 T = TypeVar("T")
 
@@ -37,7 +24,8 @@ T = TypeVar("T")
 def validate_curriculum(
     cfg: CurriculumConfig, model: nn.Module, loss: LossConfig | None = None, data: DataConfig | None = None
 ) -> None:
-    """Clear errors for an empty curriculum, bad lengths and schedules, unknown groups, patterns matching nothing."""
+    """Clear errors for an empty curriculum, bad lengths and schedules, unknown groups, patterns matching nothing
+    (what is particular to a stage's kind is checked by the kind: StageKind.check_stage)."""
     if not cfg.stages:
         raise ValueError("curriculum.stages is empty: a run needs at least one stage")
     names = [name for name, _ in model.named_parameters()]
@@ -45,25 +33,7 @@ def validate_curriculum(
         if not any(fnmatch.filter(names, p) for p in patterns):
             raise ValueError(f"curriculum.groups.{group}: patterns {list(patterns)} match no parameter")
     for index, stage in enumerate(cfg.stages):
-        where = f"curriculum.stages.{index} ({stage.name})"
-        if stage.kind not in STAGE_KINDS:
-            raise ValueError(f"{where}: kind {stage.kind!r} is not one of {STAGE_KINDS}")
-        if stage.kind == "vision" and not any(n.startswith(HEADS_PREFIX) for n in names):
-            raise ValueError(
-                f"{where}: a vision stage needs the model built with its heads (build_model(..., vision_pretrain))"
-            )
-        if stage.kind == "draft":
-            if not any(n.startswith(DRAFT_PREFIX) for n in names):
-                raise ValueError(f"{where}: a draft stage needs the model built with its draft (draft.attach_draft)")
-            outside = sorted(
-                {n.split(".")[0] + ".*" for n in names if any(fnmatch.fnmatchcase(n, p) for p in stage.trainable)}
-                - {DRAFT_PREFIX + "*"}
-            )
-            if outside:
-                raise ValueError(
-                    f"{where}: a draft stage trains the draft against a frozen target, but trainable "
-                    f"{list(stage.trainable)} also matches {outside}: set trainable to [draft.*]"
-                )
+        where = stage_where(index, stage)
         if (stage.steps > 0) == (stage.tokens > 0) or stage.steps < 0 or stage.tokens < 0:
             raise ValueError(
                 f"{where}: set exactly one of steps and tokens to a positive number "
@@ -95,37 +65,21 @@ def validate_curriculum(
             stage_data(data, stage, where).pack.budget()  # bad keys, types and budgets are errors now, not later
 
 
-def check_vision_stages(stages: list[StageConfig], cfg: VisionPretrainConfig, model: nn.Module) -> None:
-    """A vision stage's objectives are set, and it trains only what it runs: the tower (and the LLM when it is the
-    text tower)."""
-    check_vision_pretrain(cfg)
-    runs = ["vision.*"] + (["llm.*"] if cfg.heads.text_tower == "llm" else [])
-    for index, stage in enumerate(stages):
-        if stage.kind != "vision":
-            continue
-        idle = sorted(
-            {
-                name.split(".")[0] + ".*"
-                for name, _ in model.named_parameters()
-                if any(fnmatch.fnmatchcase(name, p) for p in stage.trainable)
-                and not any(fnmatch.fnmatchcase(name, p) for p in [*runs, HEADS_PREFIX + "*"])
-            }
-        )
-        if idle:
-            raise ValueError(
-                f"curriculum.stages.{index} ({stage.name}): a vision stage runs {runs} (and its heads) only, but "
-                f"trainable {list(stage.trainable)} also matches {idle}: name what it trains, e.g. [vision.*]"
-            )
+def stage_where(index: int, stage: StageConfig) -> str:
+    """How errors name a stage: curriculum.stages.N (name)."""
+    return f"curriculum.stages.{index} ({stage.name})"
 
 
-def set_stage_trainable(model: nn.Module, stage: StageConfig) -> list[nn.Parameter]:
-    """What trains in `stage`: its `trainable` patterns; the vision heads always in a vision stage, never in
-    another, and the draft (but its embedding copy) in a draft stage only: neither is part of the VLM."""
-    if stage.kind == "vision":
-        return set_trainable(model, [*stage.trainable, HEADS_PREFIX + "*"], frozen=[DRAFT_PREFIX + "*"])
-    if stage.kind == "draft":
-        return set_trainable(model, [DRAFT_PREFIX + "*"], frozen=[DRAFT_FROZEN])
-    return set_trainable(model, list(stage.trainable), frozen=[HEADS_PREFIX + "*", DRAFT_PREFIX + "*"])
+def trained_outside(model: nn.Module, patterns: list[str], allowed: list[str]) -> list[str]:
+    """The top-level modules (as `name.*`) whose parameters match `patterns` but none of `allowed`."""
+    return sorted(
+        {
+            name.split(".")[0] + ".*"
+            for name, _ in model.named_parameters()
+            if any(fnmatch.fnmatchcase(name, p) for p in patterns)
+            and not any(fnmatch.fnmatchcase(name, a) for a in allowed)
+        }
+    )
 
 
 def set_trainable(model: nn.Module, patterns: list[str], frozen: list[str] | None = None) -> list[nn.Parameter]:

@@ -121,7 +121,7 @@ def choose_vocabulary(label_batches: Iterable[torch.Tensor], size: int, target_v
     return torch.tensor(sorted(ranked), dtype=torch.long)
 
 
-def check_eagle3(cfg: Eagle3Config, stages: list[StageConfig], zero_stage: int | None) -> None:
+def check_eagle3(cfg: Eagle3Config, stages: list[StageConfig]) -> None:
     """Clear errors for draft settings that cannot train."""
     if cfg.ttt_steps < 1:
         raise ValueError(f"eagle3.ttt_steps must be >= 1, got {cfg.ttt_steps}")
@@ -131,11 +131,6 @@ def check_eagle3(cfg: Eagle3Config, stages: list[StageConfig], zero_stage: int |
         raise ValueError(f"eagle3.hidden_dtype must be one of {STORAGE_DTYPES}, got {cfg.hidden_dtype!r}")
     if cfg.vocab_samples < 1:
         raise ValueError(f"eagle3.vocab_samples must be >= 1, got {cfg.vocab_samples}")
-    if zero_stage == 3:
-        raise ValueError(
-            "draft stages run under DeepSpeed ZeRO 0-2 (the frozen target runs outside the engine): "
-            "set engine.zero_stage to 0, 1 or 2"
-        )
     if cfg.offline and any(s.kind != "draft" for s in stages):
         raise ValueError(
             f"eagle3.offline={cfg.offline}: an offline run reads stored hidden states, not images, so every stage "

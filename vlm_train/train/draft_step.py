@@ -10,13 +10,10 @@ and the simulated acceptance length sum_k prod_{j<=k} acc_j.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-from torch import nn
 
 from vlm_train.data.batch import PackedBatch
-from vlm_train.model.draft import DraftInputs, DraftOutput, draft_of
+from vlm_train.model.draft import DRAFT_ATTR, DraftInputs, DraftOutput, draft_of
 from vlm_train.train import distributed as D
 from vlm_train.train.config import Eagle3Config
 from vlm_train.train.draft_objective import (
@@ -27,7 +24,8 @@ from vlm_train.train.draft_objective import (
     target_features,
 )
 from vlm_train.train.engines import Engine
-from vlm_train.train.step import StepResult
+from vlm_train.train.guards import StepFaults
+from vlm_train.train.step import NO_FAULTS, StepResult
 
 
 def pack_inputs(model: torch.nn.Module, batch: PackedBatch, cfg: Eagle3Config) -> DraftInputs:
@@ -62,11 +60,9 @@ def draft_forward_backward(
     engine: Engine,
     packs: list[PackedBatch],
     cfg: Eagle3Config,
-    nan: bool = False,
-    inf_grad: Callable[[nn.Module], Callable[[], None]] | None = None,
+    faults: StepFaults = NO_FAULTS,
 ) -> StepResult:
-    """Forward and backward of this rank's micro-batches of a draft stage; see the module docstring. `nan` and
-    `inf_grad` inject faults as in the VLM's step (the guards judge a draft step the same way)."""
+    """Forward and backward of this rank's micro-batches of a draft stage; see the module docstring."""
     module, device, model = engine.forward_module(), engine.device, engine.model
     moved, inputs = [], []
     for pack in packs:
@@ -84,19 +80,14 @@ def draft_forward_backward(
     loss_sums = torch.zeros(steps, dtype=torch.float64, device=device)
     correct = torch.zeros(steps, dtype=torch.float64, device=device)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
-    undo = inf_grad(model) if inf_grad is not None else None
     for batch, item in zip(moved, inputs):
         with engine.autocast():
-            out: DraftOutput = module(batch, draft=item)
-        micro = (out.loss_sums.float() * scale).sum()
-        if nan:
-            micro = micro * float("nan")
+            out: DraftOutput = module(batch, attachment=DRAFT_ATTR, inputs=item)
+        micro = faults.loss((out.loss_sums.float() * scale).sum())
         engine.backward(micro)
         step_loss += micro.detach().double()
         loss_sums += out.loss_sums.detach().double()
         correct += out.correct.detach().double()
-    if undo is not None:
-        undo()
     sums = D.all_reduce(torch.cat([loss_sums, correct]))
     total = counts.clamp(min=1)
     losses, accuracies = (sums[:steps] / total).tolist(), (sums[steps:] / total).tolist()

@@ -19,14 +19,21 @@ from vlm_train.model.vlm import VLM
 from vlm_train.train.checkpoint import MODEL_FILE, read_checkpoint_file, resolve_checkpoint
 
 
-def load_target(path: str, tokenizer: PreTrainedTokenizerBase, image_token_id: int) -> VLM:
-    """The target VLM (float32, on the CPU) from `eagle3.target`; a clear error when the draft cannot read it or
-    its tokenizer is not the run's."""
+def _is_hf_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and not (folder / "config.yaml").is_file()
+
+
+def target_model_config(path: str) -> ModelConfig:
+    """The model config of `eagle3.target` (ours or Hugging Face), its weights unread: what the run's data is built
+    for (patch geometry, FLOPs costs) before the target is loaded."""
     folder = Path(path).expanduser()
     if not folder.exists():
         raise FileNotFoundError(f"eagle3.target={path} does not exist")
-    if (folder / "config.json").is_file() and not (folder / "config.yaml").is_file():
-        return _load_hf_target(folder, tokenizer)
+    if _is_hf_folder(folder):
+        from vlm_train.model.hf_config import model_config_from_hf, read_hf_config
+
+        _check_hf_target_type(folder)
+        return model_config_from_hf(read_hf_config(folder))
     checkpoint = resolve_checkpoint(folder)
     config = read_checkpoint_file(checkpoint / "config.yaml", lambda p: yaml.safe_load(p.read_text()) or {}, "config")
     if "model" not in config:
@@ -34,6 +41,17 @@ def load_target(path: str, tokenizer: PreTrainedTokenizerBase, image_token_id: i
     cfg = ModelConfig.from_dict(config["model"])
     for name in ("init_from_hf", "init_llm_from_hf", "init_vision_from_hf", "init_vision_from"):
         setattr(cfg, name, "")
+    return cfg
+
+
+def load_target(path: str, tokenizer: PreTrainedTokenizerBase, image_token_id: int) -> VLM:
+    """The target VLM (float32, on the CPU) from `eagle3.target`; a clear error when the draft cannot read it or
+    its tokenizer is not the run's."""
+    folder = Path(path).expanduser()
+    cfg = target_model_config(path)
+    if _is_hf_folder(folder):
+        return _load_hf_target(folder, tokenizer)
+    checkpoint = resolve_checkpoint(folder)
     with safe_open(checkpoint / MODEL_FILE, "pt") as weights:
         shapes = {name: weights.get_slice(name).get_shape() for name in weights.keys()}
     if "llm.embed_tokens.weight" not in shapes:
@@ -53,7 +71,7 @@ def load_target(path: str, tokenizer: PreTrainedTokenizerBase, image_token_id: i
     return model
 
 
-def _load_hf_target(folder: Path, tokenizer: PreTrainedTokenizerBase) -> VLM:
+def _check_hf_target_type(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in VLM_TYPES:
@@ -62,6 +80,9 @@ def _load_hf_target(folder: Path, tokenizer: PreTrainedTokenizerBase) -> VLM:
             f"hidden states of a {', '.join(VLM_TYPES)} model (Qwen2_5_VLForConditionalGeneration) or of one of "
             "our runs"
         )
+
+
+def _load_hf_target(folder: Path, tokenizer: PreTrainedTokenizerBase) -> VLM:
     from transformers import AutoTokenizer
 
     from vlm_train.model.hf import from_hf

@@ -6,14 +6,17 @@ the global grad norm, the all-reduced stop flag), so all ranks skip or stop alik
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from vlm_train.data.loader import PackedStream
@@ -101,6 +104,17 @@ class StopSignal:
             self._previous = None
 
 
+@dataclass(frozen=True)
+class StepFaults:
+    """The faults injected into one optimizer step's loss (FaultInjector.step_faults); every kind's step applies
+    them to the loss it runs backward from."""
+
+    nan_loss: bool = False
+
+    def loss(self, value: torch.Tensor) -> torch.Tensor:
+        return value * float("nan") if self.nan_loss else value
+
+
 class FaultInjector:
     """Deliberate failures for tests: a NaN loss, an inf gradient, SIGTERM to this process, an error inside a data
     worker."""
@@ -119,6 +133,16 @@ class FaultInjector:
         param = next(p for p in model.parameters() if p.requires_grad)
         handle = param.register_hook(lambda grad: grad + math.inf)
         return handle.remove
+
+    @contextlib.contextmanager
+    def step_faults(self, step: int, model: nn.Module) -> Iterator[StepFaults]:
+        """The faults of `step` for its forward and backward: an inf gradient hooked on for the duration, and the
+        NaN loss for the kind's step to apply."""
+        undo = self.inf_grad(step, model)
+        try:
+            yield StepFaults(nan_loss=self.nan_loss(step))
+        finally:
+            undo()
 
     def after_step(self, step: int) -> None:
         if self.cfg.sigterm_at_step and step == self.cfg.sigterm_at_step and self.rank == self.cfg.sigterm_rank:

@@ -9,6 +9,7 @@ from typing import Any
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.config import DataConfig
 from vlm_train.data.loader import PackedLoader, build_loader
+from vlm_train.data.pack_cost import FlopsCost
 from vlm_train.model.config import ModelConfig
 from vlm_train.train.builders import DataSetup, build_encoder, build_stream
 from vlm_train.train.config import StageConfig
@@ -36,9 +37,13 @@ class RankData:
         self.loader: PackedLoader | None = None
         self._restored: dict[str, Any] | None = None
 
-    def enter(self, stage: StageConfig) -> None:
-        """Make the loader for `stage`: from a restored state, or from where the previous stage left it."""
+    def enter(self, stage: StageConfig, flops_cost: FlopsCost | None = None) -> None:
+        """Make the loader for `stage`: from a restored state, or from where the previous stage left it.
+        `flops_cost`: what the packer balances packs by in this stage (its kind's pack cost) unless the data config
+        sets one."""
         stage_cfg = stage_data(self.base, stage)
+        if stage_cfg.pack.flops_cost is None and flops_cost is not None:
+            stage_cfg = dataclasses.replace(stage_cfg, pack=dataclasses.replace(stage_cfg.pack, flops_cost=flops_cost))
         cfg = dataclasses.replace(stage_cfg, mixture={})  # a new mixture needs no new loader
         state, self._restored = self._restored, None
         if self.loader is not None and state is None and cfg != self.cfg:

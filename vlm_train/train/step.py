@@ -3,21 +3,20 @@ the guarded update. Every rank computes the same global loss, so every rank take
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.formats import TASKS
-from vlm_train.model.flops import TrainedParts, pack_flops
 from vlm_train.train import distributed as D
 from vlm_train.train import loss as L
 from vlm_train.train.config import LossConfig
 from vlm_train.train.engines import Engine
-from vlm_train.train.guards import NONFINITE_GRAD, Guard
+from vlm_train.train.guards import NONFINITE_GRAD, Guard, StepFaults
+
+NO_FAULTS = StepFaults()
 
 Sums = dict[str, tuple[float, int]]
 OTHER = "other"  # the group of a source or task that LossGroups does not name
@@ -80,26 +79,28 @@ def forward_backward(
     engine: Engine,
     packs: list[PackedBatch],
     policy: LossConfig,
-    nan: bool = False,
-    inf_grad: Callable[[nn.Module], Callable[[], None]] | None = None,
+    faults: StepFaults = NO_FAULTS,
     groups: LossGroups | None = None,
 ) -> StepResult:
-    """Forward and backward over this rank's micro-batches, each weighted by the step's global normalisers.
+    """Forward and backward of the VLM's token loss over this rank's micro-batches, each weighted by the step's
+    global normalisers.
 
     Nothing here waits for the device until the end, where the step's loss is read once (the guard needs it before
     the update anyway); the per-source and per-task sums stay on the device for finish_step's one all-reduce.
     """
     local = sum((L.pack_totals(p, policy) for p in packs), L.StepTotals(0, 0))
     totals = L.StepTotals.from_tensor(D.all_reduce(local.to_tensor()))  # CPU numbers: no wait on the device
-    # ZeRO-3 gathers the head's weight at each call and the calls must match across ranks: one call per pack.
-    chunk = 0 if engine.zero_stage == 3 else L.DEFAULT_CHUNK_SIZE
-    if policy.kernel == "liger" and engine.zero_stage == 3:
-        raise ValueError("loss.kernel=liger reads the LM head's weight whole, which ZeRO-3 partitions: use ZeRO 0-2")
+    # A sharded head's weight is gathered at each call and the calls must match across ranks: one call per pack.
+    chunk = 0 if engine.shards_parameters else L.DEFAULT_CHUNK_SIZE
+    if policy.kernel == "liger" and engine.shards_parameters:
+        raise ValueError(
+            f"loss.kernel=liger reads the LM head's weight whole, which {engine.describe()} shards: use "
+            "loss.kernel=chunked (or an engine that keeps whole weights, e.g. DeepSpeed ZeRO 0-2)"
+        )
     module, head, device = engine.forward_module(), engine.model.llm.lm_head, engine.device
     groups = groups or LossGroups.of(packs)
     sums = torch.zeros(len(groups.names), 2, dtype=torch.float64, device=device)
     step_loss = torch.zeros((), dtype=torch.float64, device=device)
-    undo = inf_grad(engine.model) if inf_grad is not None else None  # fault injection
     for pack in packs:
         coefficients = L.token_coefficients(pack, totals, policy)
         source_rows, task_rows = groups.rows(pack)
@@ -107,41 +108,30 @@ def forward_backward(
         with engine.autocast():
             hidden = module(moved, return_logits=False).hidden
             token_losses = L.token_cross_entropy(hidden, moved.labels, head, chunk, policy.kernel)
-        micro = L.weighted_loss(token_losses, coefficients.to(device))
-        if nan:
-            micro = micro * float("nan")  # fault injection: a NaN this step
+        micro = faults.loss(L.weighted_loss(token_losses, coefficients.to(device)))
         engine.backward(micro)
         step_loss += micro.detach().double()
         per_sample = L.sample_loss_sums(moved, token_losses)  # [S, 2]: loss sum, supervised tokens
         rows = torch.tensor(source_rows + task_rows, device=device)
         sums.index_add_(0, rows, torch.cat([per_sample, per_sample]))
-    if undo is not None:
-        undo()
     return StepResult(loss=float(step_loss), groups=groups, group_sums=sums)
 
 
 def pack_stats(
     result: StepResult,
     packs: list[PackedBatch],
-    engine: Engine,
     llm_budget: int,
     vit_budget: int,
-    trained: TrainedParts | None = None,
-    vision_only: bool = False,
+    flops: Callable[[PackedBatch], float],
 ) -> None:
-    """Add this rank's sizes, FLOPs (of the parts that run backward: `trained`, default all; `vision_only`: the
-    tower alone, as a vision stage runs it) and packing fill to `result` (summed over ranks in finish_step); the
-    packs are the loader's, on the host."""
-    trained = trained or TrainedParts()
+    """Add this rank's sizes, training FLOPs (`flops` of each pack: what its stage kind counts) and packing fill
+    to `result` (summed over ranks in finish_step); the packs are the loader's, on the host."""
     for pack in packs:
-        flops = pack_flops(engine.model.cfg, pack)
-        if vision_only:
-            flops = dataclasses.replace(flops, projector=0, llm=0, lm_head=0, llm_attention=0)
         result.tokens += pack.num_tokens
         result.samples += pack.num_samples
         result.supervised += int((pack.labels != L.IGNORE_INDEX).sum())
         result.patches += pack.num_patches
-        result.flops += flops.trained(trained)
+        result.flops += flops(pack)
         result.packs += 1
         result.llm_fill += pack.num_tokens / llm_budget
         result.vit_fill += pack.num_patches / vit_budget

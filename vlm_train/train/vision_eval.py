@@ -20,6 +20,7 @@ from vlm_train.data.decode import SkipSample
 from vlm_train.data.encode import Encoder
 from vlm_train.data.loader import iter_samples
 from vlm_train.devices import inference_autocast
+from vlm_train.model.vision_heads import HEADS_ATTR
 from vlm_train.model.vlm import VLM
 from vlm_train.train.config import EvalConfig
 from vlm_train.train.evaluator import loss_packs
@@ -71,7 +72,7 @@ class VisionEvaluator:
             for pack in self.packs():
                 rows = pack_rows(pack, self.encoder.special.image_pad, self.vocab)
                 with inference_autocast(device, model):
-                    out = model(pack.to(device), vision_pretrain=True)
+                    out = model(pack.to(device), attachment=HEADS_ATTR)
                 images.append(out.image_embeds[rows.pair_images.to(device)].float().cpu())
                 texts.append(out.text_embeds[rows.pair_texts.to(device)].float().cpu())
                 identities += _texts(pack, rows.pair_samples)

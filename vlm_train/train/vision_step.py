@@ -20,11 +20,12 @@ import contextlib
 import torch
 
 from vlm_train.data.batch import PackedBatch
-from vlm_train.model.vision_heads import VisionHeadsOutput
+from vlm_train.model.vision_heads import HEADS_ATTR, VisionHeadsOutput
 from vlm_train.train import distributed as D
 from vlm_train.train.config import VisionPretrainConfig
 from vlm_train.train.engines import Engine
-from vlm_train.train.step import StepResult
+from vlm_train.train.guards import StepFaults
+from vlm_train.train.step import NO_FAULTS, StepResult
 from vlm_train.train.vision_objective import LabelVocabulary, PackRows, StepRows, objective, pack_rows
 
 
@@ -47,6 +48,7 @@ def vision_forward_backward(
     image_token_id: int,
     rank: int,
     world_size: int,
+    faults: StepFaults = NO_FAULTS,
 ) -> StepResult:
     """Forward and backward of this rank's micro-batches under the step's objectives; see the module docstring."""
     module, device = engine.forward_module(), engine.device
@@ -56,7 +58,7 @@ def vision_forward_backward(
         rows = pack_rows(pack, image_token_id, vocab)
         batch = pack.to(device, non_blocking=True)
         with contextlib.nullcontext() if keep_graph else torch.no_grad(), engine.autocast():
-            out = module(batch, vision_pretrain=True)
+            out = module(batch, attachment=HEADS_ATTR)
         moved.append(batch)
         selected.append(rows)
         outputs.append(out)
@@ -70,6 +72,7 @@ def vision_forward_backward(
     scale = outputs[0].logit_scale.detach().float().clone().requires_grad_(True)
     bias = outputs[0].logit_bias.detach().float().clone().requires_grad_(True)
     loss, metrics = objective(StepRows(*leaves, targets, scale, bias), cfg)
+    loss = faults.loss(loss)  # a NaN on one rank reaches every rank's update through finish_step's sum
     grads = torch.autograd.grad(loss, [*leaves, scale, bias], allow_unused=True, materialize_grads=True)
     row_grads, scale_grad, bias_grad = grads[:3], grads[3], grads[4]
 
@@ -77,7 +80,7 @@ def vision_forward_backward(
     for index, (batch, rows, out, first) in enumerate(zip(moved, selected, outputs, firsts)):
         if not keep_graph:
             with engine.autocast():
-                out = module(batch, vision_pretrain=True)
+                out = module(batch, attachment=HEADS_ATTR)
             first = _select(out, rows)
         surrogate = out.anchor.float()
         for i, part in enumerate(first):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -12,14 +13,38 @@ from vlm_train.train.distributed import DistInfo
 from vlm_train.train.engines.base import Engine, overlay, plain_state, use_bf16
 from vlm_train.train.engines.single import SingleEngine
 
-__all__ = ["ENGINES", "Engine", "SingleEngine", "build_engine", "overlay", "plain_state", "resolve_engine"]
+__all__ = [
+    "ENGINES",
+    "Engine",
+    "EngineChoice",
+    "SingleEngine",
+    "build_engine",
+    "overlay",
+    "plain_state",
+    "resolve_engine",
+]
 
 ENGINES = ("auto", "single", "deepspeed")
 
 
-def resolve_engine(cfg: EngineConfig, world_size: int) -> tuple[str, int | None]:
-    """(engine, ZeRO stage) this launch runs: `auto` is single in one process, DeepSpeed at engine.zero_stage in
-    several; the ZeRO stage is None for the single engine."""
+@dataclass(frozen=True)
+class EngineChoice:
+    """The engine a launch runs, known before it is built (what checkpoints record and kinds check)."""
+
+    name: str  # single | deepspeed
+    zero_stage: int | None = None  # DeepSpeed's ZeRO stage; None for the single engine
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Each rank holds only a shard of every parameter (see Engine.shards_parameters)."""
+        return self.zero_stage == 3
+
+    def describe(self) -> str:
+        return self.name if self.zero_stage is None else f"{self.name} ZeRO-{self.zero_stage}"
+
+
+def resolve_engine(cfg: EngineConfig, world_size: int) -> EngineChoice:
+    """The engine this launch runs: `auto` is single in one process, DeepSpeed at engine.zero_stage in several."""
     if cfg.name not in ENGINES:
         raise ValueError(f"engine.name must be one of {ENGINES}, got {cfg.name!r}")
     name = cfg.name if cfg.name != "auto" else ("deepspeed" if world_size > 1 else "single")
@@ -28,7 +53,7 @@ def resolve_engine(cfg: EngineConfig, world_size: int) -> tuple[str, int | None]
             f"engine=single trains in one process, but WORLD_SIZE={world_size}: launch one process, or leave "
             "engine at its default (auto), which trains data-parallel with DeepSpeed under torchrun"
         )
-    return name, (cfg.zero_stage if name == "deepspeed" else None)
+    return EngineChoice(name, cfg.zero_stage if name == "deepspeed" else None)
 
 
 def build_engine(
@@ -41,9 +66,8 @@ def build_engine(
 ) -> Engine:
     """The engine this launch runs (see resolve_engine); `make_model` builds a fresh model (ZeRO-3 needs one per
     stage)."""
-    name, _ = resolve_engine(cfg, dist.world_size)
     bf16 = use_bf16(cfg, device)
-    if name == "single":
+    if resolve_engine(cfg, dist.world_size).name == "single":
         return SingleEngine(model, train, device, bf16)
     from vlm_train.train.engines.deepspeed_zero import DeepSpeedEngine  # imports deepspeed: only when asked for
 

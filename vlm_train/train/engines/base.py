@@ -75,7 +75,9 @@ class Engine(ABC):
     model: VLM  # the unwrapped model (its cfg, its LM head)
     device: torch.device
     bf16: bool
-    zero_stage: int | None = None  # DeepSpeed's ZeRO stage; None for the single engine
+    # Whether each rank holds only a shard of every parameter, gathered per call (DeepSpeed ZeRO-3): a weight then
+    # cannot be read whole outside a forward (a fused loss's head), and the calls must match across ranks.
+    shards_parameters: bool = False
 
     def __init__(self) -> None:
         self.stage_index = -1
@@ -97,6 +99,14 @@ class Engine(ABC):
     @property
     @abstractmethod
     def optimizer(self) -> GuardedAdamW | None: ...
+
+    def describe(self) -> str:
+        """The engine as the run's log names it."""
+        return self.name
+
+    def trainable_parameters(self) -> int:
+        """The number of trainable parameters of the whole model (not of this rank's shard)."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def param_groups(self) -> list[dict]:
         """The current stage's optimizer groups (each named after its parameter group)."""

@@ -66,6 +66,7 @@ class DeepSpeedEngine(Engine):
         self.ds = deepspeed
         self.cfg, self.train, self.dist = cfg, train, dist
         self.zero_stage = cfg.zero_stage
+        self.shards_parameters = cfg.zero_stage == 3
         self.device, self.bf16 = device, bf16
         self.module: VLM = model.to(device)
         self.make_model = make_model
@@ -80,6 +81,13 @@ class DeepSpeedEngine(Engine):
     @property
     def optimizer(self) -> GuardedAdamW | None:
         return self._optimizer
+
+    def describe(self) -> str:
+        return f"{self.name} ZeRO-{self.zero_stage}"
+
+    def trainable_parameters(self) -> int:
+        # ZeRO-3 leaves a partition in each parameter; ds_numel is its full size.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters() if p.requires_grad)
 
     def ds_config(self) -> dict[str, Any]:
         clip = self.train.grad_clip if self.zero_stage > 0 else 0.0  # ZeRO-0: GuardedAdamW clips

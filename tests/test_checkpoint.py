@@ -130,7 +130,7 @@ def test_resume_checks_the_launch_and_takes_weights_only_checkpoints(tmp_path):
     ranks2.register("position", Position(step=4))
     ranks2.save(4, _model())
     single = Checkpointer(tmp_path / "run", launch=Launch(1, "single"))
-    with pytest.raises(ValueError, match="2 rank.*deepspeed.*zero_stage=2.*1 rank"):
+    with pytest.raises(ValueError, match="2 rank.*engine deepspeed ZeRO-2, but this launch has 1 rank.*engine single"):
         single.resume_point("auto")
     assert ranks2.resume_point("auto").state["step"] == 4
     # A checkpoint without training state (tools/convert_hf.py from-hf writes one) only initialises the weights.

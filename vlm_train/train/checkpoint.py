@@ -34,6 +34,7 @@ from vlm_train.jsonio import dumps
 from vlm_train.model.attachments import detached
 from vlm_train.train import distributed as D
 from vlm_train.train.config import CheckpointConfig
+from vlm_train.train.engines import EngineChoice
 
 log = logging.getLogger("vlm_train")
 PREFIX = "step_"
@@ -67,8 +68,7 @@ class Launch:
         return cls(int(state["world_size"]), str(state["engine"]), state.get("zero_stage"))
 
     def describe(self) -> str:
-        zero = f" zero_stage={self.zero_stage}" if self.zero_stage is not None else ""
-        return f"{self.world_size} rank(s) with engine={self.engine}{zero}"
+        return f"{self.world_size} rank(s) with engine {EngineChoice(self.engine, self.zero_stage).describe()}"
 
 
 @dataclass

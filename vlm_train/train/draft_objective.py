@@ -21,7 +21,7 @@ from torch import nn
 from vlm_train.data.batch import IGNORE_INDEX, PackedBatch
 from vlm_train.devices import dtype_of
 from vlm_train.model.draft import Eagle3Draft
-from vlm_train.train.config import Eagle3Config, StageConfig
+from vlm_train.train.config import Eagle3Config
 
 STORAGE_DTYPES = ("bfloat16", "float16")
 LOGIT_ROWS = 2048  # target logits are computed this many rows at a time (a full-vocabulary row is large)
@@ -121,7 +121,7 @@ def choose_vocabulary(label_batches: Iterable[torch.Tensor], size: int, target_v
     return torch.tensor(sorted(ranked), dtype=torch.long)
 
 
-def check_eagle3(cfg: Eagle3Config, stages: list[StageConfig]) -> None:
+def check_eagle3(cfg: Eagle3Config) -> None:
     """Clear errors for draft settings that cannot train."""
     if cfg.ttt_steps < 1:
         raise ValueError(f"eagle3.ttt_steps must be >= 1, got {cfg.ttt_steps}")
@@ -131,8 +131,3 @@ def check_eagle3(cfg: Eagle3Config, stages: list[StageConfig]) -> None:
         raise ValueError(f"eagle3.hidden_dtype must be one of {STORAGE_DTYPES}, got {cfg.hidden_dtype!r}")
     if cfg.vocab_samples < 1:
         raise ValueError(f"eagle3.vocab_samples must be >= 1, got {cfg.vocab_samples}")
-    if cfg.offline and any(s.kind != "draft" for s in stages):
-        raise ValueError(
-            f"eagle3.offline={cfg.offline}: an offline run reads stored hidden states, not images, so every stage "
-            f"must be a draft stage; got {[(s.name, s.kind) for s in stages]}"
-        )

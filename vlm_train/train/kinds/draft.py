@@ -38,7 +38,13 @@ class DraftKind(StageKind):
         """Check `eagle3`; the run's model config becomes the target's, so that the data is built for it."""
         cfg = self.ctx.cfg
         eagle3 = cfg.eagle3
-        check_eagle3(eagle3, cfg.curriculum.stages)
+        check_eagle3(eagle3)
+        stages = cfg.curriculum.stages
+        if eagle3.offline and any(s.kind != self.name for s in stages):
+            raise ValueError(
+                f"eagle3.offline={eagle3.offline}: an offline run reads stored hidden states, not images, so every "
+                f"stage must be a draft stage; got {[(s.name, s.kind) for s in stages]}"
+            )
         self.offline: OfflineTarget | None = None
         self.offline_setup: DataSetup | None = None
         backend = cfg.model.attn_backend

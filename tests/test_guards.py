@@ -87,13 +87,20 @@ def test_sigterm_saves_exits_zero_and_the_next_launch_resumes(tmp_path):
         "model.llm.num_layers=1",
     ]
     process = subprocess.Popen(["vlm-train", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    output = process.communicate(timeout=300)[0]
+    try:
+        metrics = tmp_path / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"no 3 steps within 300 s: {process.communicate(timeout=30)[0][-3000:]}")
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output = process.communicate(timeout=300)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()  # a failed assertion or a timeout leaves no training behind
+            process.wait(timeout=30)
     assert process.returncode == 0, output[-3000:]
     assert "SIGTERM" in output
     saved = json.loads(next((tmp_path / "checkpoints").glob("step_*/trainer_state.json")).read_text())["step"]

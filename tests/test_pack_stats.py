@@ -75,6 +75,7 @@ def test_runs_as_a_script_from_any_folder(tmp_path):
         capture_output=True,
         text=True,
         check=False,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert len((tmp_path / "mix.jsonl").read_text().splitlines()) == 50

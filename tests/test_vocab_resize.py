@@ -12,7 +12,6 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from test_hf import _hf_logits, _hf_vl_config
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -29,6 +28,7 @@ from vlm_train.train.trainer import run
 
 from conftest import make_config
 from helpers import SPEC, encoder, sample, tiny_tokenizer
+from test_hf import _hf_logits, _hf_vl_config
 
 transformers = pytest.importorskip("transformers")
 

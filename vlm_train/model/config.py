@@ -164,7 +164,7 @@ class ModelConfig:
     # Hugging Face folders (safetensors) to start from; see vlm_train.model.hf. Shapes must match this config.
     init_from_hf: str = ""  # a whole Qwen2.5-VL checkpoint
     init_llm_from_hf: str = ""  # a Qwen2 / Qwen2.5 / Qwen3 / Llama LLM, or the LLM of a Qwen2.5-VL
-    init_vision_from_hf: str = ""  # the vision tower and merger of a Qwen2.5-VL
+    init_vision_from_hf: str = ""  # the vision tower of a Qwen2.5-VL, and its merger when its width is the LLM's
     # The vision tower (vision.*) of one of our checkpoints: a checkpoint folder, or a run folder (its newest)
     init_vision_from: str = ""
 

@@ -181,7 +181,7 @@ def stage_data(data: DataConfig, stage: StageConfig, where: str = "stage") -> Da
     if fixed:
         raise ValueError(
             f"{where}.data: {fixed} cannot change within a run (the loader's shards and state depend on them); "
-            "a stage changes the mixture, pack budgets, image settings or system prompt"
+            "a stage changes the mixture, pack budgets, image or video settings or system prompt"
         )
     if "mixture" in stage.data:  # a stage's mixture replaces the run's: the sources it does not name drop out
         data = dataclasses.replace(data, mixture={})

@@ -204,6 +204,19 @@ def test_loader_packs_videos_with_t_above_one_and_counts_corrupt_ones(tmp_path):
     assert len(decoded) == 4 and all(len(s.videos) == 1 for s in decoded)
 
 
+def test_a_missing_pyav_stops_the_loader_naming_it_instead_of_skipping_every_video(tmp_path, monkeypatch):
+    import vlm_train.data.video as video
+
+    def no_pyav():
+        raise ModuleNotFoundError(video.PYAV_MISSING, name="av")
+
+    monkeypatch.setattr(video, "pyav", no_pyav)  # a machine without av
+    url = _write_shard(tmp_path / "videos.tar", [{"__key__": "v0", "mp4": mp4(), "txt": "a clip"}])
+    stream = PackedStream([Source("clips", [url])], encoder(), DataConfig(video=SMALL), seed=0, rank=0, world_size=1)
+    with pytest.raises(ModuleNotFoundError, match="install av"):
+        next(iter(stream))
+
+
 def test_make_shards_from_a_llava_video_json_and_a_video_folder_reads_back(tmp_path):
     from vlm_train.cli import inspect_shards, make_shards
 

@@ -97,6 +97,8 @@ class SlotStream:
         try:
             items = self._encode(source, raw)
             packs = [pack for encoded in items for pack in self.packer.add(encoded)]
+        except ImportError:
+            raise  # a library this machine lacks (av, to decode videos) fails every such sample: stop, naming it
         except Exception as exc:  # a bad sample must never stop the run: count it, and give up only on a long run
             reason = exc.reason if isinstance(exc, SkipSample) else "unexpected_error"
             if not isinstance(exc, SkipSample):

@@ -17,21 +17,12 @@ from vlm_train.train.checkpoint import Checkpointer
 from vlm_train.train.config import Config
 
 from helpers import encoder, sample, tiny_tokenizer
+from test_hf import VISION as HF_VISION
 
 transformers = pytest.importorskip("transformers")
 
 HF_TEXT_WIDTH = 64  # the merger of the checkpoint below writes 64-wide tokens
-VISION = dict(
-    depth=2,
-    hidden_size=32,
-    intermediate_size=48,
-    num_heads=2,
-    patch_size=14,
-    temporal_patch_size=2,
-    spatial_merge_size=2,
-    window_size=56,
-    fullatt_block_indexes=[1],
-)
+VISION = {**HF_VISION, "depth": 2}  # test_hf's tower, two blocks
 
 
 @pytest.fixture(scope="module")

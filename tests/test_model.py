@@ -207,7 +207,10 @@ def test_image_token_count_mismatch_is_a_value_error():
 
 
 def test_loader_uint8_pixels_equal_their_normalised_float_patches():
-    """One frame of raw uint8 per patch (the loader's layout) and HF's normalised float patches are the same input."""
+    """One frame of raw uint8 per patch (the loader's layout) and HF's normalised float patches are the same input.
+
+    Equal to rounding, not bitwise: one frame meets the kernel summed over time (PatchEmbed), the repeated frames
+    the whole kernel."""
     vision = VisionConfig()
     g = torch.Generator().manual_seed(3)
     samples = [make_sample(WITH_IMAGE, 1), make_sample(OTHER, 2)]
@@ -220,12 +223,14 @@ def test_loader_uint8_pixels_equal_their_normalised_float_patches():
     expanded = dataclasses.replace(raw, pixel_values=float_pixel_values(raw.pixel_values, vision.patch_dim))
     model = make_model()
     with torch.no_grad():
-        assert torch.equal(model(raw).logits, model(expanded).logits)
-        # bf16 weights: normalised in float32 and cast after, as a float32 input is.
+        torch.testing.assert_close(model(raw).logits, model(expanded).logits, rtol=1e-5, atol=1e-5)
+        # bf16 weights: normalised in float32 and cast after, as a float32 input is; the kernel summed over time
+        # is rounded to bf16 once, so the two differ by bf16 rounding of features of magnitude ~0.2.
         model = model.to(torch.bfloat16)
         half = model.encode_images(raw.pixel_values, raw.image_grid_thw)
         assert half.dtype == torch.bfloat16
-        assert torch.equal(half, model.encode_images(expanded.pixel_values, raw.image_grid_thw))
+        full = model.encode_images(expanded.pixel_values, raw.image_grid_thw)
+        torch.testing.assert_close(half.float(), full.float(), rtol=1.6e-2, atol=2e-3)
 
 
 def test_pixel_values_of_another_layout_are_a_clear_error():

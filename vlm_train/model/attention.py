@@ -7,8 +7,8 @@ q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens int32 [S+1] with segment i = rows cu_s
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -82,34 +82,95 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | 
     return name
 
 
+# A segment joins the bucket being filled (segments taken longest first) while the bucket's padded score area,
+# segments x longest^2, stays within this multiple of the area its segments need. Many short segments (a pack of
+# small images or short samples) then share one SDPA call, where a call each cost more than the padding; a few long
+# ones keep buckets of their own, so padding never costs much more than the attention itself.
+PADDED_AREA_RATIO = 2.0
+
+
+@dataclass(frozen=True)
+class _Buckets:
+    """How _sdpa_varlen lays a pack's segments out: buckets of right-padded segments, one after another."""
+
+    shapes: tuple[tuple[int, int], ...]  # (segments, padded length) of each bucket, in buffer order
+    rows: int  # rows of the padded buffer: sum of segments x length
+    dest: torch.Tensor | None  # long [T]: each token's row in the buffer; None when the buffer is the input
+    key_masks: tuple[torch.Tensor | None, ...]  # per bucket, bool [n, 1, 1, L] of real keys (None: no padding)
+
+
+@functools.lru_cache(maxsize=16)
+def _buckets(bounds: tuple[int, ...], device: torch.device, ratio: float) -> _Buckets:
+    """Buckets for cu_seqlens `bounds` under PADDED_AREA_RATIO `ratio` (cached: every layer of a tower attends
+    over the same segments). At ratio 1 only segments of one length share a bucket: nothing is padded."""
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    order = sorted((i for i, n in enumerate(lengths) if n), key=lambda i: -lengths[i])  # stable: ties keep order
+    shapes: list[tuple[int, int]] = []
+    start = [0] * len(lengths)  # first buffer row of each segment
+    padded = area = rows = 0
+    for i in order:
+        n = lengths[i]
+        if shapes and (shapes[-1][0] + 1) * shapes[-1][1] ** 2 <= ratio * (area + n * n):
+            count, longest = shapes[-1]
+            shapes[-1] = (count + 1, longest)
+        else:
+            rows += padded
+            shapes.append((1, n))
+            padded, area, longest = 0, 0, n
+        start[i] = rows + padded
+        padded += longest
+        area += n * n
+    rows += padded
+    total = bounds[-1]
+    identity = rows == total and all(start[i] == bounds[i] for i in order)
+    dest = None
+    if not identity:
+        offsets = torch.tensor([s - b for s, b in zip(start, bounds[:-1])], dtype=torch.long)
+        dest = (torch.arange(total) + offsets.repeat_interleave(torch.tensor(lengths))).to(device)
+    key_masks, first = [], 0
+    for count, longest in shapes:
+        real = torch.tensor([lengths[i] for i in order[first : first + count]])
+        first += count
+        if bool((real == longest).all()):
+            key_masks.append(None)
+        else:
+            key_masks.append((torch.arange(longest) < real[:, None]).view(count, 1, 1, longest).to(device))
+    return _Buckets(tuple(shapes), rows, dest, tuple(key_masks))
+
+
 def _sdpa_varlen(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, causal: bool
 ) -> torch.Tensor:
-    """Reference: scaled_dot_product_attention per segment (any device, any dtype).
+    """Reference: scaled_dot_product_attention over segments right-padded into buckets (any device, any dtype).
 
-    Consecutive segments of one length (equal-size images, equal-length samples) go in one batched call.
+    Segments of one length in their pack order (equal-size images, video frames) are a batch as they lie. Otherwise
+    the tokens are scattered into a buffer of buckets (see PADDED_AREA_RATIO) and gathered back after: one SDPA
+    call per bucket. Padding is never attended by a real token: causal masking already hides keys after a
+    query's segment, and bidirectional buckets get a key mask; padded queries' outputs are dropped.
     """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        # Query head i reads kv head i // groups, the grouping flash-attn and HF's repeat_kv use.
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0]:
         raise ValueError(f"cu_seqlens must run from 0 to T={q.shape[0]}, got {bounds[0]}..{bounds[-1]}")
-    outs = []
-    start = 0
-    for length, run in itertools.groupby(b - a for a, b in zip(bounds[:-1], bounds[1:])):
-        end = start + length * len(list(run))
-        if length:
-            # [n*L, H, D] -> [n, H, L, D]: 4-D inputs, or CPU SDPA falls back from its flash kernel to the math
-            # one (twice as slow, and it holds the L x L scores).
-            qs, ks, vs = (x[start:end].unflatten(0, (-1, length)).transpose(1, 2) for x in (q, k, v))
-            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal).transpose(1, 2).flatten(0, 1))
-        start = end
-    if not outs:
+    plan = _buckets(tuple(bounds), q.device, PADDED_AREA_RATIO)
+    if not plan.shapes:
         return torch.empty_like(q)
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    if plan.dest is not None:
+        q, k, v = (x.new_zeros(plan.rows, *x.shape[1:]).index_copy(0, plan.dest, x) for x in (q, k, v))
+    # Query head i reads kv head i // groups, the grouping flash-attn and HF's repeat_kv use.
+    gqa = q.shape[1] != k.shape[1]
+    outs, start, whole = [], 0, len(plan.shapes) == 1  # one bucket: no slice (its backward copies the gradient)
+    for (count, length), mask in zip(plan.shapes, plan.key_masks):
+        end = start + count * length
+        # [n*L, H, D] -> [n, H, L, D]: 4-D inputs, or CPU SDPA falls back from its flash kernel to the math one
+        # (twice as slow, and it holds the L x L scores).
+        qs, ks, vs = ((x if whole else x[start:end]).unflatten(0, (count, length)).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            qs, ks, vs, attn_mask=None if causal else mask, is_causal=causal, enable_gqa=gqa
+        )
+        outs.append(out.transpose(1, 2).flatten(0, 1))
+        start = end
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if plan.dest is None else out.index_select(0, plan.dest)
 
 
 def varlen_attention(

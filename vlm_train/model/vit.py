@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -32,11 +33,19 @@ def float_pixel_values(pixel_values: torch.Tensor, patch_dim: int, dtype: torch.
     n, width = pixel_values.shape
     if width == 0 or width % 3 or patch_dim % width:
         raise ValueError(f"uint8 pixel rows of {width} values do not repeat into patches of {patch_dim}")
-    scale, shift = _normalisation(pixel_values.device)
-    # Rows are (C, frames, p, p): one multiply-add per channel, the frames repeated after (no float copy before).
-    values = pixel_values.reshape(n, 3, 1, width // 3).to(torch.float32).mul_(scale).add_(shift)
+    # Rows are (C, frames, p, p): the frames repeated after normalising (no float copy before).
+    values = normalised_pixels(pixel_values).view(n, 3, 1, width // 3)
     out = torch.empty((n, 3, patch_dim // width, width // 3), dtype=dtype, device=pixel_values.device)
     return out.copy_(values.expand_as(out)).view(n, patch_dim)
+
+
+def normalised_pixels(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Loader patches uint8 [P, C*p*p] (or [P, C*t*p*p]) -> the same rows normalised in float32, nothing repeated."""
+    n, width = pixel_values.shape
+    scale, shift = _normalisation(pixel_values.device)
+    # Rows are (C, frames, p, p): one multiply-add per channel.
+    values = pixel_values.reshape(n, 3, 1, width // 3).to(torch.float32).mul_(scale).add_(shift)
+    return values.view(n, width)
 
 
 @functools.lru_cache(maxsize=8)
@@ -49,8 +58,12 @@ def _normalisation(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 class PatchEmbed(nn.Module):
     """Patch -> hidden; HF's Conv3d with kernel == stride is this Linear over the flattened patch [C*t*p*p].
 
-    Takes the loader's uint8 pixels [P, C*p*p] (one frame; or all t frames), normalised and repeated over t here,
-    on the device, or float pixel_values [P, C*t*p*p] already normalised (what HF's image processor gives).
+    Takes the loader's uint8 pixels [P, C*p*p] (one frame; or all t frames), normalised here, on the device, or
+    float pixel_values [P, C*t*p*p] already normalised (what HF's image processor gives). A still image's one frame
+    stands for t equal frames, and the Conv3d over t equal frames is a Conv2d with the kernel summed over time: so
+    one-frame rows meet the folded kernel [hidden, C*p*p] (1/t of the FLOPs, no repeated copy of the pixels) and
+    the gradient reaches every temporal slice of the kernel alike, as through the repeat. Rows of t real frames
+    (videos) keep the full kernel.
     """
 
     def __init__(self, patch_dim: int, hidden_size: int, temporal_patch_size: int = 1) -> None:
@@ -77,10 +90,15 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         self.check(pixel_values)
-        dtype = self.proj.weight.dtype
-        if pixel_values.dtype == torch.uint8:
-            pixel_values = float_pixel_values(pixel_values, self.proj.in_features, dtype)
-        return self.proj(pixel_values.to(dtype))
+        weight = self.proj.weight
+        if pixel_values.dtype != torch.uint8:
+            return self.proj(pixel_values.to(weight.dtype))
+        pixels = normalised_pixels(pixel_values).to(weight.dtype)
+        if pixel_values.shape[-1] == self.proj.in_features:  # all t frames given
+            return self.proj(pixels)
+        # Rows are (C=3, frames, p, p), so the kernel's time axis sits between channel and pixel.
+        folded = weight.view(weight.shape[0], 3, self.temporal_patch_size, -1).sum(2)
+        return F.linear(pixels, folded.flatten(1))
 
 
 class VisionAttention(nn.Module):

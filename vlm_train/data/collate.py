@@ -42,7 +42,7 @@ def collate(
         position_ids=torch.from_numpy(np.concatenate([s.position_ids for s in samples], axis=1)),
         cu_seqlens=_cu_seqlens(lengths),
         max_seqlen=max(lengths),
-        sample_index=torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(lengths)),
+        sample_index=torch.from_numpy(np.repeat(np.arange(len(samples), dtype=np.int64), lengths)),
         pixel_values=pixels,
         image_grid_thw=grid_thw,
         vit_cu_seqlens=_cu_seqlens(image_lengths),

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from vlm_train.data.video import Video
 
 # A user turn's text splits into text chunks and the placeholders between them (kept by the capture group).
+TOKEN_CACHE_SIZE = 1 << 16  # texts whose ids an Encoder keeps
 _PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(VIDEO_PLACEHOLDER)})")
 
 
@@ -64,14 +65,16 @@ class _Builder:
     def __init__(self) -> None:
         self.ids: list[np.ndarray] = []
         self.supervised: list[np.ndarray] = []
-        self.positions: list[np.ndarray] = []
+        # A text run's positions are one count for all three M-RoPE rows: (start, length), laid out in finish();
+        # a vision run's are its own [3, n] grid.
+        self.positions: list[tuple[int, int] | np.ndarray] = []
         self.next_position = 0
 
     def text(self, ids: list[int], supervised: bool = False) -> None:
         n = len(ids)
         self.ids.append(np.asarray(ids, dtype=np.int64))
         self.supervised.append(np.full(n, supervised))
-        self.positions.append(np.broadcast_to(np.arange(self.next_position, self.next_position + n), (3, n)))
+        self.positions.append((self.next_position, n))
         self.next_position += n
 
     def image(
@@ -121,7 +124,17 @@ class _Builder:
         labels = np.full_like(ids, IGNORE_INDEX)
         # Shift inside the sample: position i learns token i+1, and the last token predicts nothing.
         labels[:-1] = np.where(supervised[1:], ids[1:], IGNORE_INDEX)
-        return ids, labels, np.concatenate(self.positions, axis=1).astype(np.int64)
+        positions = np.empty((3, ids.shape[0]), dtype=np.int64)
+        column = 0
+        for run in self.positions:
+            if isinstance(run, tuple):  # text: the same count on every row
+                start, n = run
+                positions[:, column : column + n] = np.arange(start, start + n)
+            else:
+                n = run.shape[1]
+                positions[:, column : column + n] = run
+            column += n
+        return ids, labels, positions
 
 
 def _concat_patches(patches: list[np.ndarray], pixel_dim: int) -> np.ndarray:
@@ -153,11 +166,20 @@ class Encoder:
         self.sampling = sampling or ImageSampling()
         self.system_prompt = system_prompt
         self.special = special_ids(tokenizer)
+        self._token_cache: dict[str, list[int]] = {}
         self._role_header = {role: self._tokens(f"{role}\n") for role in ("system", "user", "assistant")}
         self._newline = self._tokens("\n")
 
     def _tokens(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+        """The ids of `text` (never mutated by callers). Prompts, system prompts and short answers repeat across
+        samples, so they are tokenized once; the cache is dropped when it holds TOKEN_CACHE_SIZE texts."""
+        ids = self._token_cache.get(text)
+        if ids is None:
+            ids = self.tokenizer.encode(text, add_special_tokens=False) if text else []
+            if len(self._token_cache) >= TOKEN_CACHE_SIZE:
+                self._token_cache.clear()
+            self._token_cache[text] = ids
+        return ids
 
     def _image(self, image, rng: np.random.Generator | None) -> tuple[np.ndarray, tuple, np.ndarray | None]:
         """Patches, grid and kept merge windows (None: all) of one image, with this sample's random draws."""

@@ -79,6 +79,11 @@ class ImageSampling:
     def drops(self) -> bool:
         return self.drop_prob > 0 and self.drop_rate_max > 0
 
+    @property
+    def draws(self) -> bool:
+        """Whether an image's encoding draws random numbers (else no generator need be made for it)."""
+        return not self.scale_min == self.scale_max == 1.0 or self.drops
+
     def scale(self, rng: np.random.Generator | None) -> float:
         return (
             1.0

@@ -146,7 +146,9 @@ class SlotStream:
         for n, part in enumerate(parts):
             part_key = key if len(parts) == 1 else {**key, PART: n}
             # Videos over the pack budgets are thinned (fewer, then smaller frames) to fit, not dropped.
-            encoded = encode_to_fit(self.encoder, part, self.packer.budget, rng=sample_rng(self.seed, part_key))
+            # A generator takes ~0.1 ms to make: only samples whose encoding draws (scale, token drop) get one.
+            rng = sample_rng(self.seed, part_key) if self.encoder.sampling.draws else None
+            encoded = encode_to_fit(self.encoder, part, self.packer.budget, rng=rng)
             encoded.meta["restore_key"] = part_key
             items.append(encoded)
         return items

@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from vlm_train.train.config import GuardConfig
 from vlm_train.train.guards import LOSS_SPIKE, NONFINITE_LOSS, Guard, SkipLimitError
@@ -115,3 +116,28 @@ def test_sigterm_saves_exits_zero_and_the_next_launch_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout + resumed.stderr
     assert [r["step"] for r in _rows(tmp_path)] == list(range(1, saved + 2))
+
+
+def test_the_optimizer_is_torchs_fused_adamw_with_the_same_updates_and_still_skips():
+    from vlm_train.train.config import TrainConfig
+    from vlm_train.train.engines.base import make_optimizer
+
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    reference = [w.detach().clone().requires_grad_(True) for w in weights]
+    train = TrainConfig(weight_decay=0.1)
+    fused = make_optimizer([{"params": weights, "weight_decay": 0.1}], train, clip=1.0)
+    plain = torch.optim.AdamW(reference, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    for group in fused.param_groups:
+        group["lr"] = 1e-2
+    for step in range(3):
+        grads = [torch.randn_like(w) * 0.1 for w in weights]
+        for w, r, g in zip(weights, reference, grads):
+            w.grad, r.grad = g.clone(), g.clone()
+        report = fused.step(skip=step == 1)  # the skipped step moves neither weights nor moments
+        assert report.applied == (step != 1)
+        if step != 1:
+            plain.step()
+    for w, r in zip(weights, reference):
+        torch.testing.assert_close(w, r, rtol=1e-6, atol=1e-7)

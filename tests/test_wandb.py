@@ -21,7 +21,9 @@ from vlm_train.data.video import Video
 from vlm_train.train.config import EvalConfig, LoggerConfig
 from vlm_train.train.evaluator import HeldoutEvaluator, HeldoutResult, Prediction, picture, table_rows
 from vlm_train.train.metrics import EXAMPLE_COLUMNS, METRICS_FILE, MetricsLogger
+from vlm_train.train.trainer import run
 
+from conftest import SHORT_RUN, make_config
 from helpers import encoder, noise_image
 from tools_helpers import small_model, write_shard
 
@@ -277,3 +279,32 @@ def test_the_evaluator_keeps_pictures_of_its_first_examples_only_and_table_rows_
 def test_table_rows_of_a_result_without_pictures_are_empty():
     prediction = Prediction("k", "caption", "28x28 px", "<image>Describe.", "a", "b", False)
     assert table_rows(HeldoutResult({}, [prediction])) == []
+
+
+def test_a_training_run_logs_the_examples_table_at_each_evaluation_and_fill_histograms_every_step(tmp_path):
+    overrides = [
+        *SHORT_RUN,
+        "logger.wandb=true",
+        "logger.wandb_mode=offline",
+        "eval.interval=3",
+        "eval.table_examples=3",
+    ]
+    summary = run(make_config(f"run.dir={tmp_path}", *overrides))
+    rows = history(tmp_path)
+    by_step = {row["_step"]: row for row in rows if "_step" in row}
+    assert sorted(by_step) == [1, 2, 3, 4, 5]
+    for step, row in by_step.items():  # every step: its packs' fills
+        assert row["packing/llm_fill_per_pack._type"] == "histogram", step
+        assert sum(row["packing/llm_fill_per_pack.values"]) == 1  # one pack a step (micro_batches=1)
+    evaluated = [step for step, row in by_step.items() if f"{EXAMPLES_KEY}._type" in row]
+    assert evaluated == [3, 5]  # eval.interval=3, and the final evaluation at step 5
+    assert by_step[5][f"{EXAMPLES_KEY}.nrows"] == 3
+    tables = [r.artifact for r in records(tmp_path) if r.WhichOneof("record_type") == "artifact"]
+    files = {entry.path: Path(entry.local_path) for entry in tables[-1].manifest.contents}
+    table = json.loads(files[f"{EXAMPLES_KEY}.table.json"].read_text())
+    predictions = [json.loads(line) for line in (tmp_path / "heldout_predictions.jsonl").read_text().splitlines()]
+    assert [row[2:5] for row in table["data"]] == [
+        [p["generated"], p["expected"], p["correct"]] for p in predictions[:3]
+    ]
+    assert all(row[0]["_type"] == "image-file" for row in table["data"])
+    assert summary["heldout_exact_match"] is not None

@@ -326,3 +326,26 @@ def test_video_settings_compose_as_hydra_overrides():
         compose_config("data.video.fps=0")
     with pytest.raises(ValueError, match="min_frames <= max_frames"):
         VideoConfig(min_frames=8, max_frames=4)
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_decoder_threads_reach_ffmpeg_and_leave_the_frames_unchanged(monkeypatch, clip_40, fallback):
+    if fallback:  # the sequential pass sets the decoder the same way
+        monkeypatch.setattr(video_module, "_decode_frames", lambda *args: {})
+    seen = []
+    decoding_stream = video_module._decoding_stream
+
+    def recording(container, threads):
+        stream = decoding_stream(container, threads)
+        seen.append((stream.codec_context.thread_count, str(stream.codec_context.thread_type)))
+        return stream
+
+    monkeypatch.setattr(video_module, "_decoding_stream", recording)
+    one = decode_video(clip_40, small(), FACTOR)
+    assert seen and all(count == 1 and "NONE" in kind for count, kind in seen), seen
+    seen.clear()
+    several = decode_video(clip_40, small(decoder_threads=0), FACTOR)  # FFmpeg's own choice
+    assert seen and all(count != 1 or "NONE" not in kind for count, kind in seen), seen
+    assert np.array_equal(one.frames, several.frames) and one.timestamps == several.timestamps
+    with pytest.raises(ValueError, match="data.video.decoder_threads must be >= 0"):
+        small(decoder_threads=-1)

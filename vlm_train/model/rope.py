@@ -5,6 +5,7 @@ Both use the Qwen "rotate_half" layout: cos/sin are [T, head_dim] with the two h
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -64,20 +65,23 @@ def mrope_cos_sin(
 
 def vision_positions(grid_thw: torch.Tensor, spatial_merge_size: int) -> torch.Tensor:
     """(h, w) patch coordinates [P, 2] in merge order (each merge window's patches consecutive)."""
-    m = spatial_merge_size
-    rows = []
-    for t, h, w in grid_thw.tolist():
-        if h % m or w % m:
-            raise ValueError(f"image grid {h}x{w} patches is not divisible by spatial_merge_size {m}")
-        hpos = torch.arange(h).unsqueeze(1).expand(h, w)
-        wpos = torch.arange(w).unsqueeze(0).expand(h, w)
-        # Same permutation the Qwen2-VL image processor applies to the patches themselves.
-        hpos = hpos.reshape(h // m, m, w // m, m).transpose(1, 2).flatten()
-        wpos = wpos.reshape(h // m, m, w // m, m).transpose(1, 2).flatten()
-        rows.append(torch.stack([hpos, wpos], dim=-1).repeat(t, 1))
+    rows = [_grid_positions(t, h, w, spatial_merge_size) for t, h, w in grid_thw.tolist()]
     if not rows:
         return torch.zeros(0, 2, dtype=torch.long, device=grid_thw.device)
     return torch.cat(rows).to(grid_thw.device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _grid_positions(t: int, h: int, w: int, m: int) -> torch.Tensor:
+    """One grid's coordinates (cached: a pack's images come in few sizes, and every pack asks again)."""
+    if h % m or w % m:
+        raise ValueError(f"image grid {h}x{w} patches is not divisible by spatial_merge_size {m}")
+    hpos = torch.arange(h).unsqueeze(1).expand(h, w)
+    wpos = torch.arange(w).unsqueeze(0).expand(h, w)
+    # Same permutation the Qwen2-VL image processor applies to the patches themselves.
+    hpos = hpos.reshape(h // m, m, w // m, m).transpose(1, 2).flatten()
+    wpos = wpos.reshape(h // m, m, w // m, m).transpose(1, 2).flatten()
+    return torch.stack([hpos, wpos], dim=-1).repeat(t, 1)
 
 
 def vision_cos_sin(

@@ -9,6 +9,7 @@ laid out in merge order: image by image, frame by frame, units in raster order, 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,14 @@ def _window_index(t: int, units_h: int, units_w: int, window: int) -> tuple[torc
     return padded[real], window_id[real]
 
 
+@functools.lru_cache(maxsize=4096)
+def _whole_grid_windows(t: int, units_h: int, units_w: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An image's unit order and window sizes when it keeps every unit (cached: packs repeat the same few grids;
+    callers never modify them)."""
+    order, window_id = _window_index(t, units_h, units_w, window)
+    return order, torch.bincount(window_id, minlength=int(window_id.max()) + 1)
+
+
 def _segments(lengths: torch.Tensor, unit: int, device: torch.device) -> tuple[torch.Tensor, int]:
     """cu_seqlens (int32) of non-empty segments of `lengths` units each, and the longest segment in patches."""
     lengths = lengths[lengths > 0] * unit
@@ -98,13 +107,20 @@ def vision_layout(
     frame_lengths, orders, window_lengths = [], [], []
     offset = 0
     for (t, h, w), size in zip(grids, sizes):
-        kept = keep_cpu[offset : offset + size]
-        frame_lengths.append(kept.view(t, -1).sum(1))
-        if window_units:
-            order, window_id = _window_index(t, h // merge, w // merge, window_units)
-            in_window = kept[order]
-            orders.append(rank[offset + order[in_window]])
-            window_lengths.append(torch.bincount(window_id[in_window], minlength=int(window_id.max()) + 1))
+        if keep is None:  # every unit kept: the image's layout depends on its grid alone
+            frame_lengths.append(torch.full((t,), size // t))
+            if window_units:
+                order, lengths = _whole_grid_windows(t, h // merge, w // merge, window_units)
+                orders.append(order + offset)
+                window_lengths.append(lengths)
+        else:
+            kept = keep_cpu[offset : offset + size]
+            frame_lengths.append(kept.view(t, -1).sum(1))
+            if window_units:
+                order, window_id = _window_index(t, h // merge, w // merge, window_units)
+                in_window = kept[order]
+                orders.append(rank[offset + order[in_window]])
+                window_lengths.append(torch.bincount(window_id[in_window], minlength=int(window_id.max()) + 1))
         offset += size
 
     empty = torch.zeros(0, dtype=torch.long)

@@ -18,6 +18,8 @@ SMALL_DATA = [
     "data.synthetic.num_heldout_images=20",
     "data.synthetic.images_per_shard=50",
     "data.num_workers=0",
+    "data.pack.llm_budget=1024",  # packs of the data.pack defaults: the tests need few samples a step
+    "data.pack.vit_budget=4096",
 ]
 SHORT_RUN = [
     "curriculum.stages.0.steps=2",

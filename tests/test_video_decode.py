@@ -116,9 +116,14 @@ class CountingContainer:
 @pytest.mark.parametrize("gop", [None, 3])
 def test_only_needed_frames_are_decoded_and_only_sampled_ones_converted(monkeypatch, gop):
     data = encode(40, gop=gop)
-    log = {"decoded": 0, "seeks": 0, "converted": 0}
+    log = {"opened": 0, "decoded": 0, "seeks": 0, "converted": 0}
     real_open, real_resize = av.open, video_module.resize_frame
-    monkeypatch.setattr(av, "open", lambda *args, **kwargs: CountingContainer(real_open(*args, **kwargs), log))
+
+    def counting_open(*args, **kwargs):
+        log["opened"] += 1
+        return CountingContainer(real_open(*args, **kwargs), log)
+
+    monkeypatch.setattr(av, "open", counting_open)
 
     def counting_resize(*args):
         log["converted"] += 1
@@ -127,11 +132,12 @@ def test_only_needed_frames_are_decoded_and_only_sampled_ones_converted(monkeypa
     monkeypatch.setattr(video_module, "resize_frame", counting_resize)
     assert frame_ids(decode_video(data, small(), FACTOR)) == [0, 6, 11, 17, 22, 28, 33, 39]
     # A long GOP decodes forward to the last sampled frame; keyframes every 3 frames let it seek past the rest.
-    assert log["converted"] == 8
+    # The file is opened once: indexed, rewound (one seek) and decoded.
+    assert log["converted"] == 8 and log["opened"] == 1
     if gop is None:
-        assert log["decoded"] == 40 and log["seeks"] == 0
-    else:  # (14 decoded and 7 seeks with PyAV 18's FFmpeg)
-        assert log["decoded"] <= 20 and log["seeks"] >= 5
+        assert log["decoded"] == 40 and log["seeks"] == 1
+    else:  # (14 decoded and 1 + 7 seeks with PyAV 18's FFmpeg)
+        assert log["decoded"] <= 20 and log["seeks"] >= 6
 
 
 def test_vp9_webm_decodes_and_samples(monkeypatch):

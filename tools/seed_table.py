@@ -43,7 +43,9 @@ def one_run(package: Path, seed: int, overrides: list[str], run_dir: Path) -> di
         env["VLM_TRAIN_CACHE"] = cache
         command = [sys.executable, "-m", "vlm_train.train", f"run.seed={seed}", f"run.dir={run_dir}", *overrides]
         started = time.perf_counter()
-        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        # Run from the package copy's folder: `python -m` puts the working directory first on sys.path, so from a
+        # checkout's root that checkout's package would run instead of the copy.
+        done = subprocess.run(command, env=env, cwd=package, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")

@@ -103,5 +103,5 @@ def test_single_engine_refuses_several_ranks_and_unknown_engines_are_named():
         build_engine(EngineConfig(name="single"), TrainConfig(), make_model(), make_model, cpu, DistInfo(0, 2))
     with pytest.raises(ValueError, match="engine.name"):
         build_engine(EngineConfig(name="fsdp"), TrainConfig(), make_model(), make_model, cpu, DistInfo())
-    with pytest.raises(ValueError, match="needs a GPU"):
-        build_engine(EngineConfig(name="single", bf16="true"), TrainConfig(), make_model(), make_model, cpu, DistInfo())
+    with pytest.raises(ValueError, match="engine.bf16 must be auto, true or false"):
+        build_engine(EngineConfig(name="single", bf16="yes"), TrainConfig(), make_model(), make_model, cpu, DistInfo())

@@ -18,14 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_check_runs_on_the_cpu_with_tiny_shapes(tmp_path):
     out = tmp_path / "check"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--device", "cpu", "--tiny", "--out", str(out)],
+        # --bf16: the path a GPU runs (bf16 autocast; DeepSpeed's bf16 weights with fp32 masters), slowly
+        [sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--device", "cpu", "--tiny", "--bf16"]
+        + ["--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
-    assert report == json.loads((out / "gpu_check.json").read_text())
+    assert report == json.loads((out / "gpu_check.json").read_text()) and report["bf16"] is True
     assert report["tests"]["returncode"] == 0 and not report["tests"]["failed"]  # the CUDA tests skip here
     assert report["packs"]["count"] == 8 and 900 <= report["packs"]["tokens_mean"] <= 1024
     rows = {(r["backend"], r["activation_checkpointing"]): r for r in report["train"]}

@@ -2,6 +2,7 @@
 
     python tools/gpu_check.py --out gpu_check                  # one GPU: under 8 minutes on an H200
     python tools/gpu_check.py --device cpu --tiny --out /tmp/c # the same checks, tiny shapes, on the CPU (tests)
+    python tools/gpu_check.py --device cpu --tiny --bf16       # ... with bf16 as on a GPU (slow on a CPU: a test)
 
 It runs, in this order:
 1. `tests`: the CUDA tests (every attention backend against the sdpa reference, forward and backward, bf16 and
@@ -125,9 +126,9 @@ def run_tests(out: Path, timeout: int) -> dict[str, Any]:
 # ---- 2. training throughput ------------------------------------------------------------------------------------
 
 
-def _engine(model: VLM, device: torch.device):
+def _engine(model: VLM, device: torch.device, bf16: str):
     train = TrainConfig(micro_batches=1)
-    engine = build_engine(EngineConfig(name="single"), train, model, lambda: model, device, DistInfo())
+    engine = build_engine(EngineConfig(name="single", bf16=bf16), train, model, lambda: model, device, DistInfo())
 
     def groups(module: torch.nn.Module) -> list[dict]:
         set_trainable(module, ["*"])
@@ -139,12 +140,19 @@ def _engine(model: VLM, device: torch.device):
 
 
 def train_throughput(
-    model: VLM, packs: list, device: torch.device, backend: str, checkpointing: bool, steps: int, warmup: int
+    model: VLM,
+    packs: list,
+    device: torch.device,
+    backend: str,
+    checkpointing: bool,
+    steps: int,
+    warmup: int,
+    bf16: str = "auto",
 ) -> dict[str, Any]:
     """`steps` timed optimizer steps (after `warmup`) of the trainer's own step on `packs`, one pack per step."""
     model.set_attn_backend(backend)
     model.vision.activation_checkpointing = model.llm.activation_checkpointing = checkpointing
-    engine = _engine(model, device)
+    engine = _engine(model, device, bf16)
     policy, guard = LossConfig(), Guard(GuardConfig(max_consecutive_skips=0))
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -221,11 +229,13 @@ def fused_loss(model: VLM, packs: list, device: torch.device, repeats: int = 5) 
 # ---- 4. the profiler ------------------------------------------------------------------------------------------
 
 
-def profile_step(model: VLM, packs: list, device: torch.device, backend: str, out: Path) -> dict[str, Any]:
+def profile_step(
+    model: VLM, packs: list, device: torch.device, backend: str, out: Path, bf16: str = "auto"
+) -> dict[str, Any]:
     """One training step under torch.profiler: the top kernels by device time (CPU time without a GPU)."""
     model.set_attn_backend(backend)
     model.vision.activation_checkpointing = model.llm.activation_checkpointing = False
-    engine = _engine(model, device)
+    engine = _engine(model, device, bf16)
     policy, guard = LossConfig(), Guard(GuardConfig(max_consecutive_skips=0))
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
@@ -254,7 +264,7 @@ def profile_step(model: VLM, packs: list, device: torch.device, backend: str, ou
 # ---- 5. DeepSpeed and exact resume -----------------------------------------------------------------------------
 
 
-def deepspeed_resume(out: Path, device: str, timeout: int) -> dict[str, Any]:
+def deepspeed_resume(out: Path, device: str, timeout: int, bf16: str = "auto") -> dict[str, Any]:
     """vlm-train with DeepSpeed ZeRO-2 under torchrun on one device: 6 steps whole, and 3 + 3 across a resume."""
     common = [
         "data.synthetic.num_train_images=200",
@@ -266,6 +276,7 @@ def deepspeed_resume(out: Path, device: str, timeout: int) -> dict[str, Any]:
         "engine=deepspeed",
         "engine.zero_stage=2",
         f"engine.device={device}",
+        f"engine.bf16={bf16}",
         "eval.enabled=false",
         "logger.console_interval=1",
     ]
@@ -323,7 +334,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--skip", nargs="*", default=[], choices=["tests", "train", "fused_loss", "profile", "deepspeed"]
     )
     parser.add_argument("--timeout", type=int, default=300, help="seconds for each subprocess (tests, each launch)")
+    parser.add_argument(
+        "--bf16", action="store_true", help="bf16 on the CPU too (engine.bf16=true; on a GPU it is on anyway)"
+    )
     args = parser.parse_args(argv)
+    bf16 = "true" if args.bf16 else "auto"
 
     started = time.perf_counter()
     device = torch.device(args.device)
@@ -343,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "llm_budget": llm_budget,
         "vit_budget": vit_budget,
         "peak_tflops": (device_peak_flops(device, 0.0) or 0) / 1e12 or None,
+        "bf16": args.bf16 or device.type == "cuda",
     }
     if "tests" not in args.skip:
         report["tests"] = run_tests(out, args.timeout)
@@ -372,19 +388,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for backend in backends:
             for checkpointing in (False, True):
                 try:
-                    row = train_throughput(model, packs, device, backend, checkpointing, steps, warmup)
+                    row = train_throughput(model, packs, device, backend, checkpointing, steps, warmup, bf16)
                 except torch.OutOfMemoryError as exc:
                     row = {"backend": backend, "activation_checkpointing": checkpointing, "error": str(exc)[:300]}
                 report["train"].append(row)
     if "fused_loss" not in args.skip:
         report["fused_loss"] = fused_loss(model, packs, device)
     if "profile" not in args.skip:
-        report["profile"] = profile_step(model, packs, device, backends[-1], out)
+        report["profile"] = profile_step(model, packs, device, backends[-1], out, bf16)
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
     if "deepspeed" not in args.skip:
-        report["deepspeed"] = deepspeed_resume(out, args.device, args.timeout)
+        report["deepspeed"] = deepspeed_resume(out, args.device, args.timeout, bf16)
     report["out"] = str(out)
     report["seconds"] = time.perf_counter() - started
     text = dumps(report, indent=2)

@@ -109,7 +109,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     zero_stage: int = 2  # deepspeed: ZeRO stage 0-3
-    bf16: str = "auto"  # auto (on with CUDA) | true | false; bf16 needs a GPU
+    bf16: str = "auto"  # auto (on with CUDA) | true | false; true on the CPU tests the bf16 path (slow there)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
 
 

@@ -300,8 +300,8 @@ def _video_stream(container: av.container.InputContainer) -> av.VideoStream:
 def _rewound(
     container: av.container.InputContainer, stream: av.VideoStream, threads: int
 ) -> tuple[av.container.InputContainer, av.VideoStream] | None:
-    """The open file sought back to its start and a fresh decoder for its video stream set to `threads` threads;
-    None if the file cannot seek."""
+    """The open file sought back to its start (the seek flushes its decoder) and its video stream, whose decoder
+    takes `threads` threads unless it is already open; None if the file cannot seek."""
     try:
         container.seek(0, backward=True, any_frame=False)
     except pyav().FFmpegError:

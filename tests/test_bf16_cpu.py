@@ -80,8 +80,8 @@ def test_a_bf16_run_resumes_exactly(tmp_path):
 
 
 # DeepSpeed's bf16 keeps bf16 weights beside fp32 masters: an update smaller than a weight's bf16 resolution reaches
-# the forward only once the master has moved far enough, so the losses lag the fp32 run's most just after a stage
-# unfreezes the towers (Adam's first steps move every new weight by about the warm-up lr): 1.7e-2 at the second
+# the forward only once the master has moved far enough (our reading), so the losses lag the fp32 run's most after
+# a stage unfreezes the towers (Adam's first steps move every new weight by about the warm-up lr): 1.7e-2 at the second
 # step of a 5-step align, 5.7e-3 after a 9-step one (and < 5e-3 at every other step).
 DEEPSPEED = [
     *SMALL_DATA,

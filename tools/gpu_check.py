@@ -50,7 +50,7 @@ from vlm_train.train import loss as L
 from vlm_train.train.config import EngineConfig, GuardConfig, LossConfig, StageConfig, TrainConfig
 from vlm_train.train.curriculum import param_groups, set_trainable
 from vlm_train.train.distributed import DistInfo
-from vlm_train.train.engines import build_engine
+from vlm_train.train.engines import build_engine, use_bf16
 from vlm_train.train.guards import Guard
 from vlm_train.train.step import finish_step, forward_backward, pack_stats
 from vlm_train.train.throughput import device_peak_flops, memory_gb
@@ -147,7 +147,7 @@ def train_throughput(
     checkpointing: bool,
     steps: int,
     warmup: int,
-    bf16: str = "auto",
+    bf16: str,
 ) -> dict[str, Any]:
     """`steps` timed optimizer steps (after `warmup`) of the trainer's own step on `packs`, one pack per step."""
     model.set_attn_backend(backend)
@@ -229,9 +229,7 @@ def fused_loss(model: VLM, packs: list, device: torch.device, repeats: int = 5) 
 # ---- 4. the profiler ------------------------------------------------------------------------------------------
 
 
-def profile_step(
-    model: VLM, packs: list, device: torch.device, backend: str, out: Path, bf16: str = "auto"
-) -> dict[str, Any]:
+def profile_step(model: VLM, packs: list, device: torch.device, backend: str, out: Path, bf16: str) -> dict[str, Any]:
     """One training step under torch.profiler: the top kernels by device time (CPU time without a GPU)."""
     model.set_attn_backend(backend)
     model.vision.activation_checkpointing = model.llm.activation_checkpointing = False
@@ -264,7 +262,7 @@ def profile_step(
 # ---- 5. DeepSpeed and exact resume -----------------------------------------------------------------------------
 
 
-def deepspeed_resume(out: Path, device: str, timeout: int, bf16: str = "auto") -> dict[str, Any]:
+def deepspeed_resume(out: Path, device: str, timeout: int, bf16: str) -> dict[str, Any]:
     """vlm-train with DeepSpeed ZeRO-2 under torchrun on one device: 6 steps whole, and 3 + 3 across a resume."""
     common = [
         "data.synthetic.num_train_images=200",
@@ -358,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "llm_budget": llm_budget,
         "vit_budget": vit_budget,
         "peak_tflops": (device_peak_flops(device, 0.0) or 0) / 1e12 or None,
-        "bf16": args.bf16 or device.type == "cuda",
+        "bf16": use_bf16(EngineConfig(bf16=bf16), device),
     }
     if "tests" not in args.skip:
         report["tests"] = run_tests(out, args.timeout)

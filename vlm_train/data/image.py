@@ -76,20 +76,20 @@ class ImageSampling:
             raise ValueError(f"token drop needs 0 <= prob <= 1 and 0 <= rate_min <= rate_max < 1, got {self}")
 
     @property
+    def scales(self) -> bool:
+        return not self.scale_min == self.scale_max == 1.0
+
+    @property
     def drops(self) -> bool:
         return self.drop_prob > 0 and self.drop_rate_max > 0
 
     @property
     def draws(self) -> bool:
         """Whether an image's encoding draws random numbers (else no generator need be made for it)."""
-        return not self.scale_min == self.scale_max == 1.0 or self.drops
+        return self.scales or self.drops
 
     def scale(self, rng: np.random.Generator | None) -> float:
-        return (
-            1.0
-            if rng is None or self.scale_min == self.scale_max == 1.0
-            else float(rng.uniform(self.scale_min, self.scale_max))
-        )
+        return 1.0 if rng is None or not self.scales else float(rng.uniform(self.scale_min, self.scale_max))
 
     def drop_rate(self, rng: np.random.Generator | None) -> float:
         if rng is None or not self.drops or rng.random() >= self.drop_prob:

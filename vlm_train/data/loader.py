@@ -234,11 +234,13 @@ class PackedLoader:
             "workers": self.workers,
             "next_worker": self.next_worker,
             "weights": self.mixture(),
+            "shards": {s.name: len(s.urls) for s in self.stream.sources},  # a re-deal needs them (redeal.py)
             "worker_states": self._states(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state`; the world size, worker count and seed must be the ones it was saved with."""
+        """Continue from `state`; the world size, worker count and seed must be the ones it was saved with (a state
+        of another layout is re-dealt first, from the states of all ranks: redeal.py)."""
         if state.get("version") != LOADER_STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} is not {LOADER_STATE_VERSION}")
         saved = (state["world_size"], state["workers"])
@@ -246,7 +248,8 @@ class PackedLoader:
             raise ValueError(
                 f"loader state was saved with world_size={saved[0]} and {saved[1]} loader worker(s) per rank, but this "
                 f"run has world_size={self.stream.world_size} and {self.workers}: the shard split depends on both, so "
-                "resume with the same number of ranks and data.num_workers (0 and 1 count alike)"
+                "resume with the same number of ranks and data.num_workers (0 and 1 count alike), or first re-deal "
+                "the states of all the saved ranks to this layout (vlm_train.data.redeal.redeal_loader_states)"
             )
         if state["rank"] != self.stream.rank:
             raise ValueError(f"loader state of rank {state['rank']} given to rank {self.stream.rank}")

@@ -51,6 +51,12 @@ class SourceReader:
     The position is a cursor (epoch, unit, next sample index and byte offset in that unit's shard), the buffer
     as restore keys, and the shuffle generator's state; the buffer drains at the end of each epoch, so an epoch's
     samples all come out before the next epoch's.
+
+    After the position was re-dealt to another number of slots (redeal.py), the units of the epochs that were in
+    flight are not this slot's stride of the epoch's permutation but an explicit list, `dealt`: one list per epoch
+    from the current one on, each unit as [shard, part, parts, index, offset] (a unit another slot had part-read
+    starts at that slot's cursor). Later epochs use the normal deal again. A reader that was never re-dealt has none,
+    and its state is exactly what it always was.
     """
 
     def __init__(
@@ -61,15 +67,18 @@ class SourceReader:
         self.buffer_size = max(buffer_size, 1)
         self.on_skip = on_skip
         self.buffer: list[dict[str, Any]] = []
+        self.dealt: list[list[list[Any]]] = []  # explicit units of this and the next epochs, after a re-deal
         self._start_epoch(0)
 
     def _start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self.units: list[Unit] = slot_units(
-            len(self.source.urls), self.slot, self.slots, self.seed, self.source.name, epoch
-        )
+        self.units: list[Unit]
+        if self.dealt:
+            self.units = [Unit(int(u[0]), int(u[1]), int(u[2])) for u in self.dealt[0]]
+        else:
+            self.units = slot_units(len(self.source.urls), self.slot, self.slots, self.seed, self.source.name, epoch)
         self.unit = 0
-        self.index, self.offset = 0, None
+        self.index, self.offset = self._unit_start()
         self.read_in_epoch = 0  # raw samples read from this slot's shards, any slice: tells unreadable from small
         self.rng = new_rng(self.seed, "shuffle", self.source.name, self.slot, epoch)
         self._samples = None
@@ -115,17 +124,27 @@ class SourceReader:
         raw["__restore__"] = restore_key(self.source.name, self.epoch, raw)
         return raw
 
+    def _unit_start(self) -> tuple[int, int | None]:
+        """(sample index, byte offset) where reading the current unit begins: its start, or for a unit handed over
+        part-read by a re-deal, the cursor of the slot that read it before."""
+        if self.dealt and self.unit < len(self.dealt[0]):
+            entry = self.dealt[0][self.unit]
+            return int(entry[3]), entry[4]
+        return 0, None
+
     def _next_unit(self) -> None:
         self._close()
         self.unit += 1
-        self.index, self.offset = 0, None
+        self.index, self.offset = self._unit_start()
 
     def _end_epoch(self) -> None:
-        if self.read_in_epoch == 0:
+        # A re-dealt epoch's share may rightly be empty, or hold only the read-out end of a unit: no check there.
+        if self.read_in_epoch == 0 and not self.dealt:
             raise RuntimeError(
                 f"data source {self.source.name!r}: reader slot {self.slot} of {self.slots} found no readable sample "
                 f"in its {len(self.units)} shard(s) of epoch {self.epoch}; first error: {self._first_error or 'none'}"
             )
+        self.dealt = self.dealt[1:]
         self._start_epoch(self.epoch + 1)
 
     def _close(self) -> None:
@@ -134,7 +153,7 @@ class SourceReader:
             self._samples = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "epoch": self.epoch,
             "unit": self.unit,
             "index": self.index,
@@ -143,10 +162,20 @@ class SourceReader:
             "rng": rng_state(self.rng),
             "buffer": [raw["__restore__"] for raw in self.buffer],
         }
+        if self.dealt:  # only after a re-deal, until its epochs are read: other states keep their old form
+            state["dealt"] = [[list(unit) for unit in units] for units in self.dealt]
+        return state
 
     def load_state_dict(self, state: dict[str, Any], raws: list[dict[str, Any]]) -> None:
         """Restore the cursor; `raws` are the buffered samples, read again from their restore keys."""
         self._close()
+        self.dealt = [[list(unit) for unit in units] for units in state.get("dealt", [])]
+        shards = len(self.source.urls)
+        if any(not 0 <= int(unit[0]) < shards for units in self.dealt for unit in units):
+            raise ValueError(
+                f"loader state of source {self.source.name!r} deals shards beyond its {shards} shard(s): "
+                "resume with the data.sources the state was saved (or re-dealt) with"
+            )
         self._start_epoch(int(state["epoch"]))
         self.unit, self.index, self.offset = int(state["unit"]), int(state["index"]), state["offset"]
         self.read_in_epoch = int(state["read_in_epoch"])

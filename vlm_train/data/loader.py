@@ -170,13 +170,15 @@ class PackedLoader:
     def _dataloader(self) -> DataLoader:
         # Workers answer strictly in turn (in_order), starting from the worker whose turn is next; they die with this
         # process, their parent unless a forkserver starts them.
-        direct = multiprocessing.get_start_method() != "forkserver"
+        context = worker_context()
+        direct = context.get_start_method() != "forkserver"
         return DataLoader(
             self._prepared_stream(),
             batch_size=None,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor,
             in_order=True,
+            multiprocessing_context=context,
             worker_init_fn=functools.partial(runtime.die_with_parent, os.getpid(), direct),
         )
 
@@ -266,6 +268,17 @@ class PackedLoader:
         for worker_state in self.worker_states:
             if worker_state is not None:
                 self._skipped.update(worker_state["skipped"])
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """How loader workers start: from a forkserver where there is one, so that a worker never holds a copy of the
+    training process (a model of many GB): the server is a fresh interpreter that has imported the loader alone, and
+    each worker is forked from it. Elsewhere, the platform's default."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context()
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["vlm_train.data.loader"])  # once imported there, each worker starts at once
+    return context
 
 
 def build_loader(stream: PackedStream, num_workers: int) -> PackedLoader:

@@ -39,9 +39,11 @@ def test_gpu_check_runs_on_the_cpu_with_tiny_shapes(tmp_path):
     assert report["fused_loss"] == {"available": False, "why": "it needs a CUDA device, got 'cpu'"}
     profile = report["profile"]
     assert Path(profile["file"]).read_text().count("\n") > 10 and profile["top"][0]["ms"] > 0
-    deepspeed = report["deepspeed"]
-    assert deepspeed["ok"] and deepspeed["steps"] == 6
-    assert deepspeed["resume_max_abs_loss_diff"] == 0.0  # bit-exact on the CPU
+    for engine in ("deepspeed", "fsdp2"):
+        resumed = report[engine]
+        assert resumed["ok"] and resumed["steps"] == 6, engine
+        assert resumed["resume_max_abs_loss_diff"] == 0.0, engine  # bit-exact on the CPU
+    assert report["fsdp2"]["last_tokens_per_s"] > 0
 
 
 @pytest.mark.slow
@@ -95,6 +97,7 @@ def test_gpu_setup_runs_the_check_in_a_bare_venv_with_the_carried_wheels(tmp_pat
     assert report["tests"]["returncode"] == 0 and report["tests"]["counts"].get("passed", 0) > 0
     assert [row["backend"] for row in report["train"]] == ["sdpa", "sdpa"]
     assert report["deepspeed"]["ok"] and report["deepspeed"]["resume_max_abs_loss_diff"] == 0.0
+    assert report["fsdp2"]["ok"] and report["fsdp2"]["resume_max_abs_loss_diff"] == 0.0
     # The package ran from $SITE; pillow (which the venv lacks) came from if-missing/, numpy (which transformers
     # brought) was left to the venv; av was never installed.
     assert (site / "vlm_train" / "conf" / "config.yaml").is_file()

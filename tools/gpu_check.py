@@ -16,6 +16,7 @@ It runs, in this order:
 4. `profile`: a torch.profiler table of the top kernels of one step, written to OUT/profile.txt.
 5. `deepspeed`: `vlm-train engine=deepspeed engine.zero_stage=2` under torchrun on one device, whole and stopped
    then resumed: the largest difference between the two runs' losses.
+6. `fsdp2`: the same with `engine=fsdp2` (built on the meta device, sharded checkpoints), with its step time.
 
 Set-up on a machine without the package's dependencies (the lent GPU machine): see tools/gpu_setup.sh.
 """
@@ -264,6 +265,11 @@ def profile_step(model: VLM, packs: list, device: torch.device, backend: str, ou
 
 def deepspeed_resume(out: Path, device: str, timeout: int, bf16: str) -> dict[str, Any]:
     """vlm-train with DeepSpeed ZeRO-2 under torchrun on one device: 6 steps whole, and 3 + 3 across a resume."""
+    return engine_resume(out, device, timeout, bf16, "deepspeed", ["engine=deepspeed", "engine.zero_stage=2"])
+
+
+def engine_resume(out: Path, device: str, timeout: int, bf16: str, name: str, engine: list[str]) -> dict[str, Any]:
+    """vlm-train with `engine` under torchrun on one device: 6 steps whole, and 3 + 3 across a resume."""
     common = [
         "data.synthetic.num_train_images=200",
         "data.synthetic.num_heldout_images=20",
@@ -271,8 +277,7 @@ def deepspeed_resume(out: Path, device: str, timeout: int, bf16: str) -> dict[st
         "data.num_workers=0",
         "curriculum.stages.0.steps=2",
         "curriculum.stages.1.steps=4",
-        "engine=deepspeed",
-        "engine.zero_stage=2",
+        *engine,
         f"engine.device={device}",
         f"engine.bf16={bf16}",
         "eval.enabled=false",
@@ -292,29 +297,33 @@ def deepspeed_resume(out: Path, device: str, timeout: int, bf16: str) -> dict[st
             timeout=timeout,
             env=env,
         )
-        (out / f"deepspeed_{run_dir.name}.log").write_text(result.stdout + result.stderr)
+        (out / f"{name}_{run_dir.name}.log").write_text(result.stdout + result.stderr)
         if result.returncode != 0:
             raise RuntimeError(f"{run_dir.name}: exit {result.returncode}: {result.stderr[-1500:]}")
         return result
 
-    def losses(run_dir: Path) -> dict[int, float]:
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in rows}
+    def rows(run_dir: Path) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     started = time.perf_counter()
+    whole_dir, parts_dir = out / f"{name}_whole", out / f"{name}_parts"
     try:
-        launch(out / "whole")
-        launch(out / "parts", "train.exit_at_step=3")
-        launch(out / "parts")
+        launch(whole_dir)
+        launch(parts_dir, "train.exit_at_step=3")
+        launch(parts_dir)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         return {"ok": False, "error": str(exc)[-2000:], "seconds": time.perf_counter() - started}
-    whole, parts = losses(out / "whole"), losses(out / "parts")
+    whole = {r["step"]: r["loss"] for r in rows(whole_dir)}
+    parts = {r["step"]: r["loss"] for r in rows(parts_dir)}
     diffs = [abs(whole[s] - parts[s]) for s in whole if whole[s] is not None and parts.get(s) is not None]
+    last = rows(whole_dir)[-1]
     return {
         "ok": sorted(whole) == sorted(parts) == list(range(1, 7)),
         "steps": len(whole),
         "losses": [whole[s] for s in sorted(whole)],
         "resume_max_abs_loss_diff": max(diffs) if diffs else None,
+        "last_step_time_s": last.get("step_time_s"),
+        "last_tokens_per_s": last.get("tokens_per_s"),
         "seconds": time.perf_counter() - started,
     }
 
@@ -329,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="folder for the profile table, logs and runs (default: a temp)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per setting (default 30, tiny 3)")
     parser.add_argument(
-        "--skip", nargs="*", default=[], choices=["tests", "train", "fused_loss", "profile", "deepspeed"]
+        "--skip", nargs="*", default=[], choices=["tests", "train", "fused_loss", "profile", "deepspeed", "fsdp2"]
     )
     parser.add_argument("--timeout", type=int, default=300, help="seconds for each subprocess (tests, each launch)")
     parser.add_argument(
@@ -399,6 +408,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.cuda.empty_cache()
     if "deepspeed" not in args.skip:
         report["deepspeed"] = deepspeed_resume(out, args.device, args.timeout, bf16)
+    if "fsdp2" not in args.skip:
+        report["fsdp2"] = engine_resume(out, args.device, args.timeout, bf16, "fsdp2", ["engine=fsdp2"])
     report["out"] = str(out)
     report["seconds"] = time.perf_counter() - started
     text = dumps(report, indent=2)

@@ -16,6 +16,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from vlm_train.model.row_shards import copy_whole_into
+
 # Released Qwen2.5-VL checkpoints (and transformers' own save_pretrained) use the first spelling;
 # transformers 5 modules use the second. Both are read; the first is written.
 _HF_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
@@ -190,7 +192,7 @@ def _set_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
     if param.is_meta:
         setattr(owner, attr, nn.Parameter(value.contiguous(), requires_grad=param.requires_grad))
     else:
-        param.copy_(value)
+        copy_whole_into(param, value)  # a row-sharded parameter (engine=fsdp2) takes only its own rows
 
 
 def _retie(module: nn.Module, tied: set[str]) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+import torch
 from safetensors.torch import load_file
 from transformers import PreTrainedTokenizerBase
 
@@ -21,6 +22,7 @@ from vlm_train.model.config import ModelConfig
 from vlm_train.model.draft import Eagle3Draft, attach_draft
 from vlm_train.model.flops import flops_cost
 from vlm_train.model.hf import apply_hf_init
+from vlm_train.model.row_shards import copy_whole_into
 from vlm_train.model.vision_heads import VisionHeads, attach_heads
 from vlm_train.model.vlm import VLM
 from vlm_train.model.vocab_resize import vocab_size_for
@@ -101,12 +103,18 @@ def build_model(
         model.llm.vocab_size = vocab_size
     vlm = VLM(model, vocab_size=vocab_size, image_token_id=setup.encoder.special.image_pad)
     if load_hf:
-        apply_hf_init(vlm, model)  # model.init_*_from_hf: start from released Hugging Face weights
-        if model.init_vision_from:
-            load_vision_from_checkpoint(vlm, model.init_vision_from)
+        load_initial_weights(vlm, model)
     if vision_pretrain is not None:
         add_vision_heads(vlm, vision_pretrain)
     return vlm
+
+
+def load_initial_weights(vlm: VLM, model: ModelConfig) -> None:
+    """The weights the model config starts from: model.init_*_from_hf (released Hugging Face weights), then
+    model.init_vision_from (one of our checkpoints' tower); one tensor at a time, into a sharded model's rows too."""
+    apply_hf_init(vlm, model)
+    if model.init_vision_from:
+        load_vision_from_checkpoint(vlm, model.init_vision_from)
 
 
 def add_vision_heads(vlm: VLM, cfg: VisionPretrainConfig) -> VLM:
@@ -146,7 +154,9 @@ def load_vision_from_checkpoint(vlm: VLM, path: str) -> None:
             f"model.init_vision_from={path}: the checkpoint's vision tower does not fit model.vision "
             f"(set model.vision like the checkpoint's config.yaml): {problems[:6]}"
         )
-    vlm.vision.load_state_dict(tower)
+    with torch.no_grad():  # one tensor at a time, into each rank's rows when the model is sharded (engine=fsdp2)
+        for name, param in vlm.vision.named_parameters():
+            copy_whole_into(param, tower[name])
 
 
 def add_draft(vlm: VLM, eagle3: Eagle3Config) -> VLM:

@@ -3,7 +3,10 @@ layout on disk, the atomic save, keep_last, the checks that a launch can resume,
 complete checkpoint (tools use the same lookup).
 
 Layout of RUN/checkpoints/step_XXXXXXXX/:
-  model.safetensors            full model weights (rank 0): the VLM
+  model.safetensors            full model weights (rank 0): the VLM; an engine that shards (engine=fsdp2) writes it
+                               only at the end of the run, or when a tool asks (consolidate), by streaming
+  model_rankNNNNN.safetensors, each rank's rows of every parameter and Adam moment (engine=fsdp2, engines/shards.py):
+  optimizer_rankNNNNN.safetensors  they load at any world size; shards.json names the attachments' files
   vision_heads.safetensors,    each module a stage kind attached to the VLM (model/attachments.py), in the file it
   draft.safetensors, ...       names: a vision stage's heads, a draft stage's Eagle3 draft (with d2t, t2d)
   trainer_state.json           step, the launch (world size, engine, ZeRO stage) and the shared parts' states
@@ -21,13 +24,14 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from torch import nn
 
 from vlm_train.jsonio import dumps
@@ -35,12 +39,18 @@ from vlm_train.model.attachments import detached
 from vlm_train.train import distributed as D
 from vlm_train.train.config import CheckpointConfig
 from vlm_train.train.engines import EngineChoice
+from vlm_train.train.engines.shards import SHARDS_INDEX, ShardedTensors, write_safetensors_streaming
+from vlm_train.train.model_files import MODEL_FILE, write_model_files
 
 log = logging.getLogger("vlm_train")
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
-MODEL_FILE = "model.safetensors"
 TRAINER_STATE = "trainer_state.json"
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """A folder holding model weights: whole (model.safetensors) or as row shards (shards.json)."""
+    return (folder / MODEL_FILE).is_file() or (folder / SHARDS_INDEX).is_file()
 
 
 class Stateful(Protocol):
@@ -79,11 +89,21 @@ class Resume:
     state: dict[str, Any] | None
 
 
+# A per-rank part's states of every saved rank -> this rank's state, when the world size changed (None: fresh).
+Redeal = Callable[[list[Any], int, int], Any]
+
+
 @dataclass
 class _Part:
     part: Stateful
     per_rank: bool
     tensors: bool
+    redeal: Redeal | None = None
+
+
+def rank_state_or_fresh(states: list[Any], world_size: int, rank: int) -> Any:
+    """A per-rank state after a resize: the saved rank's of the same number, none (fresh) for a new rank."""
+    return states[rank] if rank < len(states) else None
 
 
 class RandomState:
@@ -134,15 +154,34 @@ def complete_checkpoints(run_dir: str | Path) -> list[Path]:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder as given, or the newest complete checkpoint of a run folder."""
     path = Path(path).expanduser()
-    if (path / MODEL_FILE).is_file():
-        return path
-    found = complete_checkpoints(path)
-    if not found:
-        raise FileNotFoundError(
-            f"{path}: neither a checkpoint folder ({MODEL_FILE}) nor a run folder with complete checkpoints under "
-            "checkpoints/"
-        )
-    return found[-1]
+    if not is_checkpoint(path):
+        found = complete_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(
+                f"{path}: neither a checkpoint folder ({MODEL_FILE} or {SHARDS_INDEX}) nor a run folder with complete "
+                "checkpoints under checkpoints/"
+            )
+        path = found[-1]
+    if not (path / MODEL_FILE).is_file():
+        consolidate(path)  # a sharded checkpoint: the tools read the whole weights
+    return path
+
+
+def consolidate(folder: Path) -> Path:
+    """Write a sharded checkpoint's whole weights as model.safetensors (the VLM) and each attachment's file, one
+    tensor at a time from the shards (no process holds the whole model); returns model.safetensors."""
+    index = read_json(folder / SHARDS_INDEX, "shard index")
+    shards = read_checkpoint_file(folder, lambda p: ShardedTensors(p, index["model"]), "model shards")
+    attachments = {f"{name}.": file for name, file in index.get("attachments", {}).items()}
+    files: dict[str, dict[str, str]] = {MODEL_FILE: {}}  # file -> {name in the file: name in the shards}
+    for name in shards.names():
+        prefix = next((p for p in attachments if name.startswith(p)), "")
+        files.setdefault(attachments.get(prefix, MODEL_FILE), {})[name[len(prefix) :]] = name
+    for file, names in files.items():
+        entries = [(ours, shards.shape(theirs), shards.dtype(theirs)) for ours, theirs in names.items()]
+        write_safetensors_streaming(folder / file, entries, lambda ours, names=names: shards.whole(names[ours]))
+    log.info("consolidated the shards of %s into %s", folder, ", ".join(files))
+    return folder / MODEL_FILE
 
 
 def publish(tmp: Path, final: Path) -> Path:
@@ -235,10 +274,14 @@ class Checkpointer:
         self.launch = launch or Launch()
         self.parts: dict[str, _Part] = {}
 
-    def register(self, name: str, part: Stateful, per_rank: bool = False, tensors: bool = False) -> None:
+    def register(
+        self, name: str, part: Stateful, per_rank: bool = False, tensors: bool = False, redeal: Redeal | None = None
+    ) -> None:
+        """`redeal`: how a per-rank part's saved states become this rank's when the world size changed (a launch
+        whose engine reshards its checkpoints); without it such a resume is refused."""
         if name in self.parts:
             raise ValueError(f"checkpoint part {name!r} registered twice")
-        self.parts[name] = _Part(part, per_rank, tensors)
+        self.parts[name] = _Part(part, per_rank, tensors, redeal)
 
     def _rank_file(self, folder: Path, name: str, rank: int) -> Path:
         return folder / f"{name}_rank{rank:05d}.{'pt' if self.parts[name].tensors else 'json'}"
@@ -248,13 +291,16 @@ class Checkpointer:
     def save(
         self,
         step: int,
-        model: nn.Module | None,
+        model: nn.Module | None = None,
         config_yaml: str = "",
         tokenizer: Any = None,
         info: dict[str, Any] | None = None,
+        write_weights: Callable[[Path], None] | None = None,
     ) -> Path:
-        """Write checkpoint `step` (call on every rank; `model`, the full weights, is needed on rank 0 only) and
-        keep the last `checkpoint.keep_last`; returns its folder."""
+        """Write checkpoint `step` (call on every rank) and keep the last `checkpoint.keep_last`; returns its folder.
+        The weights: `model`, the full weights, on rank 0, or `write_weights(folder)`, called on every rank (an
+        engine writing its own files: whole weights from rank 0, or every rank's shards)."""
+        started = time.perf_counter()
         root = checkpoint_dir(self.run_dir)
         tmp, final = root / f"{TMP_PREFIX}{PREFIX}{step:08d}", root / f"{PREFIX}{step:08d}"
         main = self.dist.is_main
@@ -262,14 +308,13 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         D.barrier()
-        if main:
+        if write_weights is not None:
+            write_weights(tmp)
+        elif main:
             if model is None:
                 raise ValueError("Checkpointer.save needs the model's weights on rank 0")
-            # the VLM alone: what inference, export and merging read; what trains beside it goes into its own files
-            with detached(model) as parts:
-                save_model(model, str(tmp / MODEL_FILE))  # handles tied embeddings
-            for part in parts:
-                save_model(part.module, str(tmp / part.file))
+            write_model_files(model, tmp)
+        if main:
             state = {"step": step, **self.launch.state(), **(info or {})}
             state.update({name: p.part.state_dict() for name, p in self.parts.items() if not p.per_rank})
             (tmp / TRAINER_STATE).write_text(dumps(state, indent=1))
@@ -288,6 +333,7 @@ class Checkpointer:
             publish(tmp, final)
             self._prune()
         D.barrier()
+        log.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - started)
         return final
 
     def _prune(self) -> None:
@@ -305,10 +351,10 @@ class Checkpointer:
             found = complete_checkpoints(self.run_dir)
             return found[-1] if found else None
         folder = Path(resume).expanduser()
-        if not (folder / MODEL_FILE).is_file():
+        if not is_checkpoint(folder):
             raise FileNotFoundError(
-                f"train.resume={resume}: not a complete checkpoint folder (no {MODEL_FILE}); use auto, never, or a "
-                "checkpoints/step_XXXXXXXX folder"
+                f"train.resume={resume}: not a complete checkpoint folder (no {MODEL_FILE} or {SHARDS_INDEX}); use "
+                "auto, never, or a checkpoints/step_XXXXXXXX folder"
             )
         return folder
 
@@ -322,13 +368,19 @@ class Checkpointer:
         if "position" not in state:
             return Resume(folder, None)  # weights only: it initialises the model
         saved = Launch.from_state(state)
-        if saved != self.launch:
+        if saved != self.launch and not self.resizes(saved):
             raise ValueError(
                 f"checkpoint {folder} was saved by {saved.describe()}, but this launch has {self.launch.describe()}: "
                 "the optimizer and data-loader states are per rank, so resume with the same launch (or "
                 "train.resume=never)"
             )
         return Resume(folder, state)
+
+    def resizes(self, saved: Launch) -> bool:
+        """Whether this launch continues `saved` at another world size: both run an engine whose checkpoints
+        reshard (the per-rank parts are then re-dealt)."""
+        resharding = EngineChoice(self.launch.engine, self.launch.zero_stage).reshards_checkpoints
+        return resharding and saved.engine == self.launch.engine and saved.world_size != self.launch.world_size
 
     def load_model(self, model: nn.Module, folder: Path) -> None:
         load_model_weights(model, folder)
@@ -344,6 +396,10 @@ class Checkpointer:
                     )
                 p.part.load_state_dict(resume.state[name])
                 continue
+            saved_world = int(resume.state.get("world_size", self.launch.world_size))
+            if saved_world != self.launch.world_size:
+                p.part.load_state_dict(self._redealt(resume.folder, name, saved_world))
+                continue
             path = self._rank_file(resume.folder, name, self.dist.rank)
             if not path.is_file():
                 raise FileNotFoundError(
@@ -351,3 +407,13 @@ class Checkpointer:
                 )
             reader = read_tensors if p.tensors else read_json
             p.part.load_state_dict(reader(path, f"{name} state of rank {self.dist.rank}"))
+
+    def _redealt(self, folder: Path, name: str, saved_world: int) -> Any:
+        """This rank's state of per-rank part `name` from the states of all `saved_world` saved ranks."""
+        p = self.parts[name]
+        if p.redeal is None:
+            raise ValueError(f"checkpoint part {name!r} is per rank and cannot be re-dealt to another world size")
+        reader = read_tensors if p.tensors else read_json
+        states = [reader(self._rank_file(folder, name, r), f"{name} state of rank {r}") for r in range(saved_world)]
+        log.info("%s: %s states of %d rank(s) re-dealt to %d", folder.name, name, saved_world, self.launch.world_size)
+        return p.redeal(states, self.launch.world_size, self.dist.rank)

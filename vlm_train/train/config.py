@@ -102,15 +102,24 @@ class CurriculumConfig:
 
 
 @dataclass
+class FSDPConfig:
+    # True: each block's gathered weights are freed after its forward and gathered again for backward (ZeRO-3-like,
+    # least memory); False: kept from forward to backward (ZeRO-2-like, one all-gather fewer per block and step).
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class EngineConfig:
     # auto: single in one process, deepspeed when torchrun starts several | single (one process, CPU or one GPU) |
-    # deepspeed (under torchrun)
+    # deepspeed (under torchrun) | fsdp2 (under torchrun: PyTorch FSDP2, built on the meta device, sharded
+    # checkpoints that resume at any world size)
     name: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     zero_stage: int = 2  # deepspeed: ZeRO stage 0-3
     bf16: str = "auto"  # auto (on with CUDA) | true | false; true on the CPU tests the bf16 path (slow there)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # extra DeepSpeed config keys, merged last
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)  # engine=fsdp2
 
 
 @dataclass

@@ -127,12 +127,24 @@ class FaultInjector:
         return step in self.cfg.nan_loss_at_steps and self.cfg.nan_rank in (-1, self.rank)
 
     def inf_grad(self, step: int, model: nn.Module) -> Callable[[], None]:
-        """At a chosen step, make the gradient of the first trainable parameter inf; returns the undo."""
+        """At a chosen step, make the gradient of the first trainable parameter inf; returns the undo.
+
+        Through the output of the innermost module around it that runs (the parameter's own module may be read by
+        its parent, as the patch embedding's is): a hook on the parameter itself never runs under an engine that
+        computes with gathered copies of sharded parameters (FSDP2)."""
         if step not in self.cfg.inf_grad_at_steps or self.cfg.inf_grad_rank not in (-1, self.rank):
             return lambda: None
-        param = next(p for p in model.parameters() if p.requires_grad)
-        handle = param.register_hook(lambda grad: grad + math.inf)
-        return handle.remove
+        name = next(n for n, p in model.named_parameters() if p.requires_grad)
+        parts = name.split(".")[:-1]
+        around = [model.get_submodule(".".join(parts[:i])) for i in range(len(parts), -1, -1)]  # innermost first
+        hooked = []
+
+        def to_inf(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if not hooked and torch.is_tensor(output) and output.requires_grad:
+                hooked.append(output.register_hook(lambda grad: grad + math.inf))
+
+        handles = [module.register_forward_hook(to_inf) for module in around]
+        return lambda: [h.remove() for h in handles]
 
     @contextlib.contextmanager
     def step_faults(self, step: int, model: nn.Module) -> Iterator[StepFaults]:

@@ -16,13 +16,21 @@ import torch
 from omegaconf import OmegaConf
 
 from vlm_train import runtime
+from vlm_train.data.redeal import redeal_loader_states
 from vlm_train.data.video_thinning import THINNED
 from vlm_train.devices import pick_device
 from vlm_train.jsonio import dumps
 from vlm_train.model.vlm import VLM
 from vlm_train.train import distributed as D
-from vlm_train.train.builders import build_data, build_model
-from vlm_train.train.checkpoint import Checkpointer, Launch, RandomState
+from vlm_train.train.builders import build_data, build_model, load_initial_weights
+from vlm_train.train.checkpoint import (
+    MODEL_FILE,
+    Checkpointer,
+    Launch,
+    RandomState,
+    consolidate,
+    rank_state_or_fresh,
+)
 from vlm_train.train.config import Config, StageConfig
 from vlm_train.train.curriculum import group_lrs, param_groups, validate_curriculum
 from vlm_train.train.engines import build_engine, resolve_engine
@@ -58,7 +66,12 @@ class Trainer:
             kind.configure()
             kind.check_engine(engine)
         self.setup = ctx.setup = _first(kind.data_setup() for kind in self.kinds) or build_data(cfg.data, cfg.model)
-        model = self._build_model(load=resume is None)
+        if engine.builds_on_meta:  # no rank builds the whole model: the engine materialises its shards
+            with torch.device("meta"):
+                model = self._build_model(load=False, attach=False)
+            self._attach(model)  # small modules, built whole: the engine shards them as they are
+        else:
+            model = self._build_model(load=resume is None)
         # The resolved config (with a draft's target, the target's model section): saved with every checkpoint.
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.structured(cfg))
         if dist.is_main:
@@ -67,11 +80,18 @@ class Trainer:
         self.kinds.check_stages(model)
         for kind in self.kinds:
             kind.ready()
-        if resume is not None:
+        started = time.perf_counter()
+        if resume is not None and not engine.builds_on_meta:
             self.checkpointer.load_model(model, resume.folder)
         self.engine = build_engine(
             cfg.engine, cfg.train, model, lambda: self._build_model(load=False), self.device, dist
         )
+        if engine.builds_on_meta:
+            self.engine.materialize(cfg.run.seed, resume.folder if resume is not None else None)
+            if resume is None:
+                load_initial_weights(self.engine.model, cfg.model)  # tensor by tensor, into the shards
+        if resume is not None:
+            log.info("loaded the weights of %s in %.2fs", resume.folder, time.perf_counter() - started)
         self.faults = FaultInjector(cfg.train.fault, dist.rank)
         self.data = RankData(self.setup, cfg.data, cfg.model, cfg.run.seed, dist.rank, dist.world_size, self.faults)
         self.guard = Guard(cfg.train.guard)
@@ -80,13 +100,24 @@ class Trainer:
 
         self.checkpointer.register("position", self.position)
         self.checkpointer.register("guard", self.guard)
-        self.checkpointer.register("optimizer", self.engine, per_rank=True, tensors=True)
-        self.checkpointer.register("rng", self.rng, per_rank=True, tensors=True)
-        self.checkpointer.register("loader", self.data, per_rank=True)
+        if not engine.reshards_checkpoints:
+            self.checkpointer.register("optimizer", self.engine, per_rank=True, tensors=True)
+        self.checkpointer.register("rng", self.rng, per_rank=True, tensors=True, redeal=rank_state_or_fresh)
+        workers = max(cfg.data.num_workers, 1)  # 0 (the loader in the training process) counts as one slot
+        self.checkpointer.register(
+            "loader",
+            self.data,
+            per_rank=True,
+            redeal=lambda states, size, rank: redeal_loader_states(states, size, workers, rank),
+        )
         self.saved_step, self.saved = -1, run_dir
         if resume is not None and resume.state is not None:
+            started = time.perf_counter()
             self.checkpointer.load(resume)
+            if engine.reshards_checkpoints:
+                self.engine.load_optimizer_shards(resume.folder)
             _check_curriculum(resume.state, cfg.curriculum.stages, self.position)
+            log.info("loaded the training state of %s in %.2fs", resume.folder, time.perf_counter() - started)
             self.saved_step, self.saved = self.position.step, resume.folder
         elif resume is not None:
             log.info("initialising the weights from %s (it holds no training state)", resume.folder)
@@ -107,15 +138,19 @@ class Trainer:
             f" | resuming from {resume.folder}" if resume is not None else "",
         )
 
-    def _build_model(self, load: bool) -> VLM:
+    def _build_model(self, load: bool, attach: bool = True) -> VLM:
         """The run's VLM (or the one a kind provides: a draft stage's target), with what the kinds train beside it
-        attached; `load=False` skips initial weights that a checkpoint replaces."""
+        attached unless not `attach`; `load=False` skips initial weights that a checkpoint replaces."""
         model = _first(kind.base_model(load) for kind in self.kinds)
         if model is None:
             model = build_model(self.cfg.model, self.setup, load_hf=load)
+        if attach:
+            self._attach(model)
+        return model
+
+    def _attach(self, model: VLM) -> None:
         for kind in self.kinds:
             kind.attach(model)
-        return model
 
     # ---- the curriculum ---------------------------------------------------------------------------------------
 
@@ -189,7 +224,8 @@ class Trainer:
             record.update(self._data_skips())  # a collective of Python objects: not on every step
         record.update(memory_gb(self.device))
         if kind.eval_due(self.position.step, self.position.stage_done(stage)):
-            record.update(kind.evaluate(self.engine.model, self.position.step))
+            with self.engine.inference():
+                record.update(kind.evaluate(self.engine.model, self.position.step))
         self.metrics.log(record, histograms=pack_fills(packs, *self.data.budgets))
         return result
 
@@ -227,8 +263,13 @@ class Trainer:
     def save(self) -> Path:
         stages = self.cfg.curriculum.stages
         info = {"stage_name": stages[self.position.stage].name, "stages": [s.name for s in stages]}
-        model = self.engine.export_model()  # collective under ZeRO-3
-        self.saved = self.checkpointer.save(self.position.step, model, self.config_yaml, self.setup.tokenizer, info)
+        self.saved = self.checkpointer.save(
+            self.position.step,
+            config_yaml=self.config_yaml,
+            tokenizer=self.setup.tokenizer,
+            info=info,
+            write_weights=self.engine.save_weights,  # collective under ZeRO-3 and FSDP2
+        )
         self.saved_step = self.position.step
         return self.saved
 
@@ -243,8 +284,9 @@ class Trainer:
             "checkpoint": str(final),
             **self._data_skips(),
         }
-        for kind in self.kinds:
-            summary.update(kind.final(self.engine.model, self.position.step))
+        with self.engine.inference():
+            for kind in self.kinds:
+                summary.update(kind.final(self.engine.model, self.position.step))
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(dumps(summary, indent=2))
             self.metrics.summary(summary)
@@ -255,6 +297,10 @@ class Trainer:
         self.engine.close()
         self.data.close()
         self.metrics.close()
+
+
+def is_checkpoint_whole(folder: Path) -> bool:
+    return (folder / MODEL_FILE).is_file()
 
 
 def _first(values: Any) -> Any:
@@ -303,6 +349,9 @@ def run(cfg: Config) -> dict[str, Any]:
         if reason != "done":
             return {"steps": trainer.position.step, "stopped": reason}
         final = trainer.save() if trainer.saved_step != trainer.position.step else trainer.saved
+        if dist.is_main and not is_checkpoint_whole(final):
+            consolidate(final)  # a sharded checkpoint: the whole weights for inference, export and merging
+        D.barrier()
         log.info("trained %d steps in %s; checkpoint %s", trainer.position.step, format_duration(train_seconds), final)
         return trainer.finish(train_seconds, final)
     finally:

@@ -1,4 +1,5 @@
-"""Engines: `single` (one process) and `deepspeed` (ZeRO 0-3 under torchrun), made by `build_engine`."""
+"""Engines: `single` (one process), `deepspeed` (ZeRO 0-3 under torchrun) and `fsdp2` (PyTorch FSDP2 under torchrun),
+made by `build_engine`."""
 
 from __future__ import annotations
 
@@ -24,20 +25,30 @@ __all__ = [
     "resolve_engine",
 ]
 
-ENGINES = ("auto", "single", "deepspeed")
+ENGINES = ("auto", "single", "deepspeed", "fsdp2")
 
 
 @dataclass(frozen=True)
 class EngineChoice:
     """The engine a launch runs, known before it is built (what checkpoints record and kinds check)."""
 
-    name: str  # single | deepspeed
-    zero_stage: int | None = None  # DeepSpeed's ZeRO stage; None for the single engine
+    name: str  # single | deepspeed | fsdp2
+    zero_stage: int | None = None  # DeepSpeed's ZeRO stage; None for the other engines
 
     @property
     def shards_parameters(self) -> bool:
         """Each rank holds only a shard of every parameter (see Engine.shards_parameters)."""
-        return self.zero_stage == 3
+        return self.zero_stage == 3 or self.name == "fsdp2"
+
+    @property
+    def builds_on_meta(self) -> bool:
+        """The model is built on the meta device and materialised as this rank's shards (no rank holds it whole)."""
+        return self.name == "fsdp2"
+
+    @property
+    def reshards_checkpoints(self) -> bool:
+        """Its checkpoints are row shards that load at any world size (engines/shards.py)."""
+        return self.name == "fsdp2"
 
     def describe(self) -> str:
         return self.name if self.zero_stage is None else f"{self.name} ZeRO-{self.zero_stage}"
@@ -67,8 +78,13 @@ def build_engine(
     """The engine this launch runs (see resolve_engine); `make_model` builds a fresh model (ZeRO-3 needs one per
     stage)."""
     bf16 = use_bf16(cfg, device)
-    if resolve_engine(cfg, dist.world_size).name == "single":
+    name = resolve_engine(cfg, dist.world_size).name
+    if name == "single":
         return SingleEngine(model, train, device, bf16)
+    if name == "fsdp2":
+        from vlm_train.train.engines.fsdp2 import FSDP2Engine
+
+        return FSDP2Engine(cfg, train, model, device, bf16)
     from vlm_train.train.engines.deepspeed_zero import DeepSpeedEngine  # imports deepspeed: only when asked for
 
     return DeepSpeedEngine(cfg, train, model, make_model, device, dist, bf16)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from vlm_train.model.vlm import VLM
 from vlm_train.train.config import EngineConfig, TrainConfig
+from vlm_train.train.model_files import write_model_files
 from vlm_train.train.optim import GuardedAdamW, StepReport
 
 MakeGroups = Callable[[nn.Module], list[dict]]  # sets what trains in the module, returns its optimizer groups
@@ -151,6 +153,16 @@ class Engine(ABC):
     @abstractmethod
     def export_model(self) -> VLM | None:
         """A plain model with the full weights on rank 0 (None on other ranks); collective under ZeRO-3."""
+
+    def save_weights(self, folder: Path) -> None:
+        """Write the model's weights into a checkpoint folder (call on every rank): the whole weights from rank 0."""
+        model = self.export_model()
+        if model is not None:
+            write_model_files(model, folder)
+
+    def inference(self) -> contextlib.AbstractContextManager:
+        """The model ready for evaluation and generation outside the training step (call on every rank)."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def optimizer_state(self) -> dict[str, Any]:

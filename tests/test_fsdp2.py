@@ -66,18 +66,29 @@ def test_shards_saved_by_two_ranks_read_back_whole_and_a_missing_or_partial_one_
             Piece(n, local_part(v, rank, 2), row_range(v.shape[0], rank, 2)[0] if v.dim() else 0, tuple(v.shape))
             for n, v in whole.items()
         ]
-        save_pieces(tmp_path, "model", rank, pieces)
+        save_pieces(tmp_path, "model", rank, 2, pieces)
     shards = ShardedTensors(tmp_path, "model")
     assert shards.saved_world_size == 2 and all(torch.equal(shards.whole(n), v) for n, v in whole.items())
     assert torch.equal(shards.rows("w", 2, 3), local_part(whole["w"], 2, 3))
     with pytest.raises(KeyError, match="no tensor 'nope'"):
         shards.whole("nope")
     (tmp_path / "model_rank00001.safetensors").unlink()
-    with pytest.raises(ValueError, match="cover 3 of its 5 rows"):
-        ShardedTensors(tmp_path, "model").whole("w")
+    with pytest.raises(FileNotFoundError, match=r"rank\(s\) \[1\] are missing: 2 rank\(s\) saved it, 1 file"):
+        ShardedTensors(tmp_path, "model")
     (tmp_path / "model_rank00000.safetensors").rename(tmp_path / "model_rank00001.safetensors")
     with pytest.raises(FileNotFoundError, match=r"rank\(s\) \[0\] are missing"):
         ShardedTensors(tmp_path, "model")
+
+
+def test_pieces_that_do_not_tile_a_tensor_are_named(tmp_path):
+    whole = torch.randn(5, 3)
+    save_pieces(tmp_path, "model", 0, 2, [Piece("w", whole[:3], 0, (5, 3))])
+    save_pieces(tmp_path, "model", 1, 2, [Piece("w", whole[3:], 2, (5, 3))])  # rows 2..4 where 3..4 belong
+    with pytest.raises(ValueError, match=r"shards of 'w' do not tile its shape \[5, 3\]"):
+        ShardedTensors(tmp_path, "model").whole("w")
+    save_pieces(tmp_path, "model", 1, 2, [Piece("w", whole[3:4], 3, (5, 3))])  # row 4 lost
+    with pytest.raises(ValueError, match="cover 4 of its 5 rows"):
+        ShardedTensors(tmp_path, "model").whole("w")
 
 
 def test_a_streamed_safetensors_file_equals_one_written_at_once(tmp_path):
@@ -232,3 +243,46 @@ def test_twelve_steps_of_fsdp2_equal_deepspeed_zero2_on_the_same_two_ranks(tmp_p
     worst = max(abs(a - b) / abs(b) for a, b in zip(ours, theirs))
     print(f"largest relative loss difference over 12 steps: {worst:.2e}")
     assert worst <= 1e-5
+
+
+@pytest.mark.slow
+def test_a_damaged_sharded_checkpoint_names_the_missing_shard_or_the_tensor_and_both_shapes(initial, tmp_path):
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    torchrun(2, "save", str(saved), str(initial))
+    shards = ShardedTensors(saved, "model")
+    name = "llm.norm.weight"
+
+    def rank_pieces(rank: int) -> list[Piece]:
+        return [
+            Piece(n, shards.rows(n, rank, 2), row_range(shards.shape(n)[0], rank, 2)[0], shards.shape(n))
+            for n in shards.names()
+            if not (rank == 0 and n == name)
+        ]
+
+    # The same checkpoint, but rank 0 holds a tensor of another shape: what a checkpoint of another model holds.
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for file in saved.iterdir():
+        (wrong / file.name).write_bytes(file.read_bytes())
+    save_pieces(wrong, "model", 0, 2, [*rank_pieces(0), Piece(name, torch.ones(2), 0, (3,))])
+    save_pieces(wrong, "model", 1, 2, rank_pieces(1))
+    failed = failing_torchrun(1, "reshard", str(wrong), str(tmp_path / "out"))
+    assert f"tensor '{name}' has shape [3] there, [{shards.shape(name)[0]}] in the model" in failed
+    (saved / "model_rank00001.safetensors").unlink()
+    failed = failing_torchrun(1, "reshard", str(saved), str(tmp_path / "out"))
+    assert "model shards of rank(s) [1] are missing" in failed and str(saved) in failed
+
+
+def failing_torchrun(nproc: int, *args: str) -> str:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        str(HERE / "fsdp2_worker.py"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode != 0
+    return result.stdout + result.stderr

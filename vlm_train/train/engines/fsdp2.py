@@ -253,7 +253,7 @@ class FSDP2Engine(Engine):
 
     def save_weights(self, folder: Path) -> None:
         """This rank's rows of the model and of the optimizer's moments (with its step counts and the stage)."""
-        save_pieces(folder, MODEL_SHARDS, self.rank, self.model_pieces())
+        save_pieces(folder, MODEL_SHARDS, self.rank, self.world_size, self.model_pieces())
         assert self._optimizer is not None, "start_stage() first"
         names = {id(p): n for n, p in self.model.named_parameters()}
         pieces = []
@@ -270,7 +270,7 @@ class FSDP2Engine(Engine):
                     tensor = _local(value) if torch.is_tensor(value) else torch.tensor(float(value))
                     pieces.append(Piece(f"{names[id(p)]}/{key}", tensor, start, whole))
         pieces.append(Piece("__stage__", torch.tensor(self.stage_index), 0, ()))
-        save_pieces(folder, OPTIMIZER_SHARDS, self.rank, pieces)
+        save_pieces(folder, OPTIMIZER_SHARDS, self.rank, self.world_size, pieces)
         if self.rank == 0:
             index = {
                 "world_size": self.world_size,

@@ -40,14 +40,16 @@ def shard_file(folder: Path, prefix: str, rank: int) -> Path:
     return folder / f"{prefix}_rank{rank:05d}.safetensors"
 
 
-def save_pieces(folder: Path, prefix: str, rank: int, pieces: Iterable[Piece]) -> Path:
-    """This rank's pieces as one safetensors file; the JSON metadata places each piece in its whole tensor."""
+def save_pieces(folder: Path, prefix: str, rank: int, world_size: int, pieces: Iterable[Piece]) -> Path:
+    """This rank's pieces as one safetensors file; the JSON metadata places each piece in its whole tensor and
+    names how many ranks saved (so a lost file is noticed)."""
     tensors, places = {}, {}
     for piece in pieces:
         tensors[piece.name] = piece.local.detach().contiguous().cpu()
         places[piece.name] = {"start": piece.start, "shape": list(piece.shape), "dtype": str(piece.local.dtype)}
     path = shard_file(folder, prefix, rank)
-    save_file(tensors, str(path), metadata={"format": SHARD_FORMAT, "pieces": json.dumps(places)})
+    metadata = {"format": SHARD_FORMAT, "world_size": str(world_size), "pieces": json.dumps(places)}
+    save_file(tensors, str(path), metadata=metadata)
     return path
 
 
@@ -59,19 +61,22 @@ class ShardedTensors:
         files = sorted(folder.glob(f"{prefix}_rank*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{folder}: no {prefix}_rankNNNNN.safetensors files (a sharded checkpoint's)")
-        numbers = [int(f.stem.rsplit("_rank", 1)[1]) for f in files]
-        if numbers != list(range(len(files))):
-            missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
-            raise FileNotFoundError(
-                f"{folder}: {prefix} shards of rank(s) {missing} are missing (found {len(files)} files)"
-            )
         self._handles = [safe_open(str(f), framework="pt") for f in files]
         self.files = files
-        self.places: dict[str, list[tuple[int, dict]]] = {}  # name -> [(file index, place)]
-        for i, handle in enumerate(self._handles):
-            meta = handle.metadata() or {}
+        metas = [handle.metadata() or {} for handle in self._handles]
+        for file, meta in zip(files, metas):
             if meta.get("format") != SHARD_FORMAT:
-                raise ValueError(f"{files[i]} is not a vlm_train shard file (metadata format {meta.get('format')!r})")
+                raise ValueError(f"{file} is not a vlm_train shard file (metadata format {meta.get('format')!r})")
+        saved_by = {int(meta["world_size"]) for meta in metas}
+        numbers = [int(f.stem.rsplit("_rank", 1)[1]) for f in files]
+        if len(saved_by) != 1 or numbers != list(range(max(saved_by))):
+            missing = sorted(set(range(max(saved_by | {max(numbers) + 1}))) - set(numbers))
+            raise FileNotFoundError(
+                f"{folder}: {prefix} shards of rank(s) {missing} are missing: {max(saved_by)} rank(s) saved it, "
+                f"{len(files)} file(s) are there"
+            )
+        self.places: dict[str, list[tuple[int, dict]]] = {}  # name -> [(file index, place)]
+        for i, meta in enumerate(metas):
             for name, place in json.loads(meta["pieces"]).items():
                 self.places.setdefault(name, []).append((i, place))
 

@@ -5,7 +5,7 @@
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/multinode.sh run.dir=runs/exp1   # on node1
 #
 # Every argument is a Hydra override for `python -m vlm_train.train` (see conf/ and docs/launching.md); several
-# processes train data-parallel with DeepSpeed (engine=auto, ZeRO stage engine.zero_stage, default 2).
+# processes train data-parallel with FSDP2 (engine=auto; engine=deepspeed for DeepSpeed ZeRO).
 #
 # Variables (static rendezvous: node 0 hosts the store at MASTER_ADDR:MASTER_PORT):
 #   NNODES          number of nodes (default 1)

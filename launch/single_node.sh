@@ -6,7 +6,7 @@
 #   NPROC_PER_NODE=2 launch/single_node.sh run.dir=runs/cpu2         # 2 CPU processes (gloo)
 #
 # Every argument is a Hydra override for `python -m vlm_train.train` (see conf/ and docs/launching.md). With more
-# than one process the default engine (auto) trains with DeepSpeed at engine.zero_stage and says so at start;
+# than one process the default engine (auto) trains with FSDP2 (DeepSpeed for a draft stage) and says so at start;
 # engine=single refuses WORLD_SIZE > 1.
 #
 # Variables:

@@ -89,6 +89,9 @@ def test_pieces_that_do_not_tile_a_tensor_are_named(tmp_path):
     save_pieces(tmp_path, "model", 1, 2, [Piece("w", whole[3:4], 3, (5, 3))])  # row 4 lost
     with pytest.raises(ValueError, match="cover 4 of its 5 rows"):
         ShardedTensors(tmp_path, "model").whole("w")
+    with pytest.raises(ValueError, match=r"do not hold rows 4\.\.5 of its shape \[5, 3\]"):
+        ShardedTensors(tmp_path, "model").rows("w", 1, 2)
+    assert torch.equal(ShardedTensors(tmp_path, "model").rows("w", 0, 3), whole[:2])  # read across no gap
 
 
 def test_a_streamed_safetensors_file_equals_one_written_at_once(tmp_path):

@@ -90,9 +90,9 @@ def forward_backward(
     """
     local = sum((L.pack_totals(p, policy) for p in packs), L.StepTotals(0, 0))
     totals = L.StepTotals.from_tensor(D.all_reduce(local.to_tensor()))  # CPU numbers: no wait on the device
-    # A sharded head's weight is gathered at each call and the calls must match across ranks: one call per pack.
-    chunk = 0 if engine.shards_parameters else L.DEFAULT_CHUNK_SIZE
-    if policy.kernel == "liger" and engine.shards_parameters:
+    # A head gathered at each call (ZeRO-3) must be called alike on every rank: one call per pack.
+    chunk = L.DEFAULT_CHUNK_SIZE if engine.head_whole_after_forward else 0
+    if policy.kernel == "liger" and not engine.head_whole_after_forward:
         raise ValueError(
             f"loss.kernel=liger reads the LM head's weight whole, which {engine.describe()} shards: use "
             "loss.kernel=chunked (or an engine that keeps whole weights, e.g. DeepSpeed ZeRO 0-2)"

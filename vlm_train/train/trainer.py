@@ -53,18 +53,19 @@ class Trainer:
         runtime.set_cpu_threads(cfg.engine.threads)
         self.device = pick_device(cfg.engine.device, dist.local_rank)
         torch.manual_seed(cfg.run.seed)
-        engine = resolve_engine(cfg.engine, dist.world_size)
-        launch = Launch(dist.world_size, engine.name, engine.zero_stage)
-        self.checkpointer = Checkpointer(run_dir, cfg.checkpoint, dist, launch)
-        resume = self.checkpointer.resume_point(cfg.train.resume)
-
         # The kinds of the curriculum's stages: each checks and may adjust the run's config, then may provide the
         # data and the model (a draft's target) and attach what it trains beside the VLM.
         ctx = RunContext(cfg, dist, self.device, run_dir)
         self.kinds = StageKinds(ctx)
         for kind in self.kinds:
             kind.configure()
+        whole_weights = any(kind.needs_whole_weights for kind in self.kinds)
+        engine = resolve_engine(cfg.engine, dist.world_size, whole_weights)
+        for kind in self.kinds:
             kind.check_engine(engine)
+        launch = Launch(dist.world_size, engine.name, engine.zero_stage)
+        self.checkpointer = Checkpointer(run_dir, cfg.checkpoint, dist, launch)
+        resume = self.checkpointer.resume_point(cfg.train.resume)
         self.setup = ctx.setup = _first(kind.data_setup() for kind in self.kinds) or build_data(cfg.data, cfg.model)
         if engine.builds_on_meta:  # no rank builds the whole model: the engine materialises its shards
             with torch.device("meta"):
@@ -84,7 +85,7 @@ class Trainer:
         if resume is not None and not engine.builds_on_meta:
             self.checkpointer.load_model(model, resume.folder)
         self.engine = build_engine(
-            cfg.engine, cfg.train, model, lambda: self._build_model(load=False), self.device, dist
+            cfg.engine, cfg.train, model, lambda: self._build_model(load=False), self.device, dist, whole_weights
         )
         if engine.builds_on_meta:
             self.engine.materialize(cfg.run.seed, resume.folder if resume is not None else None)

@@ -54,15 +54,21 @@ class EngineChoice:
         return self.name if self.zero_stage is None else f"{self.name} ZeRO-{self.zero_stage}"
 
 
-def resolve_engine(cfg: EngineConfig, world_size: int) -> EngineChoice:
-    """The engine this launch runs: `auto` is single in one process, DeepSpeed at engine.zero_stage in several."""
+def resolve_engine(cfg: EngineConfig, world_size: int, whole_weights: bool = False) -> EngineChoice:
+    """The engine this launch runs. `auto` is the single engine in one process, and in several FSDP2, or DeepSpeed
+    at engine.zero_stage when a stage needs whole weights on every rank (`whole_weights`: a draft stage's frozen
+    target). FSDP2 is the default by measurement (docs/benchmarks.md, "Engines"): on 2 CPU ranks of a 495M model it
+    needs 0.76x the memory per rank of ZeRO-2 at the same step time, where ZeRO-3 is killed for memory; it builds on
+    the meta device, and its checkpoints resume at any world size."""
     if cfg.name not in ENGINES:
         raise ValueError(f"engine.name must be one of {ENGINES}, got {cfg.name!r}")
-    name = cfg.name if cfg.name != "auto" else ("deepspeed" if world_size > 1 else "single")
+    name = cfg.name
+    if name == "auto":
+        name = "single" if world_size == 1 else "deepspeed" if whole_weights else "fsdp2"
     if name == "single" and world_size > 1:
         raise RuntimeError(
             f"engine=single trains in one process, but WORLD_SIZE={world_size}: launch one process, or leave "
-            "engine at its default (auto), which trains data-parallel with DeepSpeed under torchrun"
+            "engine at its default (auto), which trains data-parallel with FSDP2 under torchrun"
         )
     return EngineChoice(name, cfg.zero_stage if name == "deepspeed" else None)
 
@@ -74,11 +80,12 @@ def build_engine(
     make_model: Callable[[], VLM],
     device: torch.device,
     dist: DistInfo,
+    whole_weights: bool = False,
 ) -> Engine:
     """The engine this launch runs (see resolve_engine); `make_model` builds a fresh model (ZeRO-3 needs one per
     stage)."""
     bf16 = use_bf16(cfg, device)
-    name = resolve_engine(cfg, dist.world_size).name
+    name = resolve_engine(cfg, dist.world_size, whole_weights).name
     if name == "single":
         return SingleEngine(model, train, device, bf16)
     if name == "fsdp2":

@@ -89,6 +89,10 @@ class Engine(ABC):
     # Whether each rank holds only a shard of every parameter, gathered per call (DeepSpeed ZeRO-3): a weight then
     # cannot be read whole outside a forward (a fused loss's head), and the calls must match across ranks.
     shards_parameters: bool = False
+    # Whether the LM head's weight is whole between the model's forward and its backward, so the loss may call the
+    # head as often as it likes (chunk by chunk): not under ZeRO-3, which gathers it per call; under FSDP2 the root
+    # stays gathered until its backward.
+    head_whole_after_forward: bool = True
 
     def __init__(self) -> None:
         self.stage_index = -1

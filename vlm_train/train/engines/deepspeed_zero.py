@@ -67,6 +67,7 @@ class DeepSpeedEngine(Engine):
         self.cfg, self.train, self.dist = cfg, train, dist
         self.zero_stage = cfg.zero_stage
         self.shards_parameters = cfg.zero_stage == 3
+        self.head_whole_after_forward = not self.shards_parameters
         self.device, self.bf16 = device, bf16
         self.module: VLM = model.to(device)
         self.make_model = make_model

@@ -25,7 +25,7 @@ from torch.distributed.tensor import DTensor
 from vlm_train.jsonio import dumps
 from vlm_train.model.attachments import attached
 from vlm_train.model.norm import RMSNorm
-from vlm_train.model.row_shards import copy_whole_into, local_part, row_range
+from vlm_train.model.row_shards import copy_whole_into, row_range
 from vlm_train.model.vlm import VLM
 from vlm_train.train import distributed as D
 from vlm_train.train.config import EngineConfig, TrainConfig
@@ -143,6 +143,13 @@ class FSDP2Engine(Engine):
     def copy_whole(self, param: torch.Tensor, value: torch.Tensor) -> None:
         """Set a (sharded) parameter from its whole value: only this rank's rows are copied."""
         copy_whole_into(param, value)
+
+    def copy_rows(self, param: torch.Tensor, rows: torch.Tensor) -> None:
+        """Set this rank's rows of a (sharded) parameter."""
+        local = _local(param)
+        if tuple(rows.shape) != tuple(local.shape):
+            raise RuntimeError(f"a shard of shape {list(local.shape)} cannot take rows of shape {list(rows.shape)}")
+        local.copy_(rows.to(local.dtype))
 
     def load_whole_weights(self, files: dict[str, Path]) -> None:
         """Set the parameters from whole-weight safetensors files (prefix -> file: "" for model.safetensors, an
@@ -293,7 +300,7 @@ class FSDP2Engine(Engine):
                         f"checkpoint {folder}: tensor {name!r} has shape {list(saved.shape(name))} there, "
                         f"{list(param.shape)} in the model"
                     )
-                self.copy_whole(param, saved.whole(name))
+                self.copy_rows(param, saved.rows(name, self.rank, self.world_size))
 
     def load_optimizer_shards(self, folder: Path) -> None:
         """The optimizer state of a sharded checkpoint (any world size), applied when its stage starts."""
@@ -312,11 +319,10 @@ class FSDP2Engine(Engine):
                     continue
                 slot = {}
                 for key in keys:
-                    whole = saved.whole(prefix + key)
-                    if whole.dim() == 0:
-                        slot[key] = whole.clone()  # Adam's step count, on the CPU as torch keeps it
+                    if len(saved.shape(prefix + key)) == 0:
+                        slot[key] = saved.whole(prefix + key).clone()  # Adam's step count, on the CPU as torch keeps it
                     else:
-                        local = local_part(whole, self.rank, self.world_size).to(self.device)
+                        local = saved.rows(prefix + key, self.rank, self.world_size).to(self.device)
                         slot[key] = DTensor.from_local(
                             local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
                         )

@@ -125,8 +125,31 @@ class ShardedTensors:
         return torch.cat([p for _, p in parts if p.shape[0]]) if covered else torch.empty(shape)
 
     def rows(self, name: str, rank: int, world_size: int) -> torch.Tensor:
-        """Rank `rank` of `world_size`'s rows of the tensor (the whole tensor is read once, then dropped)."""
-        return local_part(self.whole(name), rank, world_size).clone()
+        """Rank `rank` of `world_size`'s rows of the tensor, reading only the saved rows that overlap them (so a rank
+        touches about 1/world_size of each file)."""
+        where = self._where(name)
+        shape = tuple(where[0][1]["shape"])
+        if len(shape) == 0:
+            return self._handles[where[0][0]].get_tensor(name)
+        start, stop = row_range(shape[0], rank, world_size)
+        parts, covered = [], start
+        for i, place in sorted(where, key=lambda x: x[1]["start"]):
+            saved = self._handles[i].get_slice(name)
+            first, count = place["start"], saved.get_shape()[0]
+            low, high = max(first, covered), min(first + count, stop)
+            if low < high:
+                if low != covered:
+                    break  # a gap: reported below
+                parts.append(saved[low - first : high - first])
+                covered = high
+        if covered != stop:
+            raise ValueError(
+                f"{self.folder}: the {self.prefix} shards of {name!r} do not hold rows {covered}..{stop} of its "
+                f"shape {list(shape)}"
+            )
+        if not parts:
+            return torch.empty((0, *shape[1:]), dtype=self.dtype(name))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every whole tensor, one at a time."""

@@ -64,6 +64,9 @@ class StageKind:
 
     name: ClassVar[str]
     attachment: ClassVar[str] = ""  # the name of the module this kind attaches to the VLM and trains, if any
+    # Whether its stages need whole weights on every rank (a frozen model run outside the engine): engine=auto then
+    # picks an engine that keeps them whole (DeepSpeed) in several processes.
+    needs_whole_weights: ClassVar[bool] = False
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx

@@ -33,6 +33,7 @@ class DraftKind(StageKind):
 
     name = "draft"
     attachment = DRAFT_ATTR
+    needs_whole_weights = True  # the frozen target runs outside the engine
 
     def configure(self) -> None:
         """Check `eagle3`; the run's model config becomes the target's, so that the data is built for it."""

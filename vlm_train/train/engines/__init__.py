@@ -57,9 +57,9 @@ class EngineChoice:
 def resolve_engine(cfg: EngineConfig, world_size: int, whole_weights: bool = False) -> EngineChoice:
     """The engine this launch runs. `auto` is the single engine in one process, and in several FSDP2, or DeepSpeed
     at engine.zero_stage when a stage needs whole weights on every rank (`whole_weights`: a draft stage's frozen
-    target). FSDP2 is the default by measurement (docs/benchmarks.md, "Engines"): on 2 CPU ranks of a 495M model it
-    needs 0.76x the memory per rank of ZeRO-2 at the same step time, where ZeRO-3 is killed for memory; it builds on
-    the meta device, and its checkpoints resume at any world size."""
+    target). FSDP2 is the default by measurement (docs/benchmarks.md, "Engines"): on 2 CPU ranks of a 495M model with
+    activation checkpointing it needs 0.76x the memory per rank of ZeRO-2 at about its step time, where ZeRO-3 is
+    killed for memory; it builds on the meta device, and its checkpoints resume at any world size."""
     if cfg.name not in ENGINES:
         raise ValueError(f"engine.name must be one of {ENGINES}, got {cfg.name!r}")
     name = cfg.name

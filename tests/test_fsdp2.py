@@ -23,19 +23,19 @@ from engine_cases import all_packs, make_model
 HERE = Path(__file__).parent
 
 
-def torchrun(nproc: int, *args: str) -> None:
+def torchrun(nproc: int, *args: str, fails: bool = False) -> str:
+    """tests/fsdp2_worker.py under torchrun; its output. It must succeed, or with `fails`, fail."""
     command = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc_per_node={nproc}",
         str(HERE / "fsdp2_worker.py"),
-        *args,
     ]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert (result.returncode != 0) == fails, result.stderr[-4000:]
+    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -270,22 +270,8 @@ def test_a_damaged_sharded_checkpoint_names_the_missing_shard_or_the_tensor_and_
         (wrong / file.name).write_bytes(file.read_bytes())
     save_pieces(wrong, "model", 0, 2, [*rank_pieces(0), Piece(name, torch.ones(2), 0, (3,))])
     save_pieces(wrong, "model", 1, 2, rank_pieces(1))
-    failed = failing_torchrun(1, "reshard", str(wrong), str(tmp_path / "out"))
+    failed = torchrun(1, "reshard", str(wrong), str(tmp_path / "out"), fails=True)
     assert f"tensor '{name}' has shape [3] there, [{shards.shape(name)[0]}] in the model" in failed
     (saved / "model_rank00001.safetensors").unlink()
-    failed = failing_torchrun(1, "reshard", str(saved), str(tmp_path / "out"))
+    failed = torchrun(1, "reshard", str(saved), str(tmp_path / "out"), fails=True)
     assert "model shards of rank(s) [1] are missing" in failed and str(saved) in failed
-
-
-def failing_torchrun(nproc: int, *args: str) -> str:
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        str(HERE / "fsdp2_worker.py"),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode != 0
-    return result.stdout + result.stderr

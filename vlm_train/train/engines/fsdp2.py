@@ -319,8 +319,10 @@ class FSDP2Engine(Engine):
                     continue
                 slot = {}
                 for key in keys:
-                    if len(saved.shape(prefix + key)) == 0:
-                        slot[key] = saved.whole(prefix + key).clone()  # Adam's step count, on the CPU as torch keeps it
+                    if len(saved.shape(prefix + key)) == 0:  # Adam's step count: where torch keeps it
+                        on_device = self._optimizer.defaults.get("fused") or self._optimizer.defaults.get("capturable")
+                        step = saved.whole(prefix + key).clone()
+                        slot[key] = step.to(p.device) if on_device else step
                     else:
                         local = saved.rows(prefix + key, self.rank, self.world_size).to(self.device)
                         slot[key] = DTensor.from_local(

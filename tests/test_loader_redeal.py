@@ -16,7 +16,7 @@ import torch
 from tools.redeal_at_scale import main as redeal_at_scale
 from vlm_train.data.batch import PackedBatch
 from vlm_train.data.loader import LOADER_STATE_VERSION, PackedLoader, PackedStream, Source, build_loader
-from vlm_train.data.redeal import merge_loader_states, redeal_loader_states
+from vlm_train.data.redeal import merge_loader_states, redeal_all_loader_states, redeal_loader_states
 from vlm_train.data.state import find_restore_keys
 
 from helpers import encoder
@@ -203,6 +203,19 @@ def test_every_sample_of_the_epoch_is_trained_once_across_two_resizes(tmp_path, 
     assert trained == expected, (
         f"lost: {sorted(expected - trained)}, repeated: {sorted(k for k, n in trained.items() if n > 1)}"
     )
+
+
+def test_dealing_every_rank_at_once_equals_dealing_each_rank(tmp_path):
+    """What rank 0 computes once for all ranks (one merge) is what each rank would compute for itself: for another
+    number of slots (merged), the same number (regrouped) and the same layout (kept)."""
+    urls = _shards(tmp_path)
+    ranks = [_rank(urls, r, 2, 2) for r in range(2)]
+    for _ in range(5):
+        _step(ranks, Counter())
+    states = _states(ranks)
+    for world, workers in ((3, 1), (4, 1), (2, 2), (1, 3)):
+        each = [redeal_loader_states(states, world, workers, r) for r in range(world)]
+        assert redeal_all_loader_states(states, world, workers) == each, (world, workers)
 
 
 def test_a_redeal_of_states_with_workers_that_handed_out_nothing(tmp_path):

@@ -87,6 +87,20 @@ def redeal_loader_states(
     return deal_loader_state(merge_loader_states(ordered, shards), world_size, workers, rank)
 
 
+def redeal_all_loader_states(
+    states: list[dict[str, Any]], world_size: int, workers: int, shards: Mapping[str, int] | None = None
+) -> list[dict[str, Any]]:
+    """The loader states of every rank of `world_size` (see redeal_loader_states), merging the saved ones once: what
+    one process computes and hands out to the others."""
+    ordered = _ordered(states)
+    old = (ordered[0]["world_size"], ordered[0]["workers"])
+    slots = world_size * max(workers, 1)
+    if (world_size, max(workers, 1)) == old or slots == old[0] * old[1]:  # no merge: kept or regrouped per rank
+        return [redeal_loader_states(ordered, world_size, workers, rank, shards) for rank in range(world_size)]
+    position = merge_loader_states(ordered, shards)
+    return [deal_loader_state(position, world_size, workers, rank) for rank in range(world_size)]
+
+
 def merge_loader_states(states: list[dict[str, Any]], shards: Mapping[str, int] | None = None) -> DataPosition:
     """The global data position held by the loader states of every rank of a run (see redeal_loader_states)."""
     ordered = _ordered(states)

@@ -89,8 +89,9 @@ class Resume:
     state: dict[str, Any] | None
 
 
-# A per-rank part's states of every saved rank -> this rank's state, when the world size changed (None: fresh).
-Redeal = Callable[[list[Any], int, int], Any]
+# A per-rank part's states of every saved rank -> the state of every rank of this launch, when the world size
+# changed (None: fresh). Rank 0 calls it once and hands each rank its state.
+Redeal = Callable[[list[Any], int], list[Any]]
 
 
 @dataclass
@@ -101,9 +102,10 @@ class _Part:
     redeal: Redeal | None = None
 
 
-def rank_state_or_fresh(states: list[Any], world_size: int, rank: int) -> Any:
-    """A per-rank state after a resize: the saved rank's of the same number, none (fresh) for a new rank."""
-    return states[rank] if rank < len(states) else None
+def rank_states_or_fresh(states: list[Any], world_size: int) -> list[Any]:
+    """Per-rank states after a resize: each saved rank's to the rank of the same number, none (fresh) for a new
+    rank."""
+    return [states[rank] if rank < len(states) else None for rank in range(world_size)]
 
 
 class RandomState:
@@ -409,11 +411,15 @@ class Checkpointer:
             p.part.load_state_dict(reader(path, f"{name} state of rank {self.dist.rank}"))
 
     def _redealt(self, folder: Path, name: str, saved_world: int) -> Any:
-        """This rank's state of per-rank part `name` from the states of all `saved_world` saved ranks."""
+        """This rank's state of per-rank part `name`: rank 0 reads the states of all `saved_world` saved ranks,
+        re-deals them once, and hands each rank its own."""
         p = self.parts[name]
         if p.redeal is None:
             raise ValueError(f"checkpoint part {name!r} is per rank and cannot be re-dealt to another world size")
-        reader = read_tensors if p.tensors else read_json
-        states = [reader(self._rank_file(folder, name, r), f"{name} state of rank {r}") for r in range(saved_world)]
-        log.info("%s: %s states of %d rank(s) re-dealt to %d", folder.name, name, saved_world, self.launch.world_size)
-        return p.redeal(states, self.launch.world_size, self.dist.rank)
+        dealt = None
+        if self.dist.is_main:
+            reader = read_tensors if p.tensors else read_json
+            states = [reader(self._rank_file(folder, name, r), f"{name} state of rank {r}") for r in range(saved_world)]
+            dealt = p.redeal(states, self.launch.world_size)
+            log.info("%s: %s states of %d rank(s) re-dealt to %d", folder.name, name, saved_world, len(dealt))
+        return D.scatter_object(dealt)

@@ -107,6 +107,16 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def scatter_object(values: list[Any] | None, src: int = 0) -> Any:
+    """Rank r's item of `values`, a list with one item per rank given on `src` (None elsewhere)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        assert values is not None
+        return values[0]
+    received: list[Any] = [None]
+    dist.scatter_object_list(received, values if dist.get_rank() == src else None, src=src)
+    return received[0]
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

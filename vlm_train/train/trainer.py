@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vlm_train import runtime
-from vlm_train.data.redeal import redeal_loader_states
+from vlm_train.data.redeal import redeal_all_loader_states
 from vlm_train.data.video_thinning import THINNED
 from vlm_train.devices import pick_device
 from vlm_train.jsonio import dumps
@@ -29,7 +29,7 @@ from vlm_train.train.checkpoint import (
     Launch,
     RandomState,
     consolidate,
-    rank_state_or_fresh,
+    rank_states_or_fresh,
 )
 from vlm_train.train.config import Config, StageConfig
 from vlm_train.train.curriculum import group_lrs, param_groups, validate_curriculum
@@ -103,13 +103,13 @@ class Trainer:
         self.checkpointer.register("guard", self.guard)
         if not engine.reshards_checkpoints:
             self.checkpointer.register("optimizer", self.engine, per_rank=True, tensors=True)
-        self.checkpointer.register("rng", self.rng, per_rank=True, tensors=True, redeal=rank_state_or_fresh)
+        self.checkpointer.register("rng", self.rng, per_rank=True, tensors=True, redeal=rank_states_or_fresh)
         workers = max(cfg.data.num_workers, 1)  # 0 (the loader in the training process) counts as one slot
         self.checkpointer.register(
             "loader",
             self.data,
             per_rank=True,
-            redeal=lambda states, size, rank: redeal_loader_states(states, size, workers, rank),
+            redeal=lambda states, size: redeal_all_loader_states(states, size, workers),
         )
         self.saved_step, self.saved = -1, run_dir
         if resume is not None and resume.state is not None:

@@ -32,7 +32,7 @@ def engine_on_meta(train: TrainConfig, reshard: bool = True) -> FSDP2Engine:
     with torch.device("meta"):
         model = make_model()
     cfg = EngineConfig(name="fsdp2", fsdp=FSDPConfig(reshard_after_forward=reshard))
-    return FSDP2Engine(cfg, train, model, torch.device("cpu"), bf16=False)
+    return FSDP2Engine(cfg, train, model, torch.device("cpu"), D.env_info(), bf16=False)
 
 
 def one_step(engine: FSDP2Engine, train: TrainConfig, packs: list):

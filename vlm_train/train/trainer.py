@@ -300,10 +300,6 @@ class Trainer:
         self.metrics.close()
 
 
-def is_checkpoint_whole(folder: Path) -> bool:
-    return (folder / MODEL_FILE).is_file()
-
-
 def _first(values: Any) -> Any:
     """The first value that is not None (None if none is)."""
     return next((v for v in values if v is not None), None)
@@ -350,7 +346,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if reason != "done":
             return {"steps": trainer.position.step, "stopped": reason}
         final = trainer.save() if trainer.saved_step != trainer.position.step else trainer.saved
-        if dist.is_main and not is_checkpoint_whole(final):
+        if dist.is_main and not (final / MODEL_FILE).is_file():
             consolidate(final)  # a sharded checkpoint: the whole weights for inference, export and merging
         D.barrier()
         log.info("trained %d steps in %s; checkpoint %s", trainer.position.step, format_duration(train_seconds), final)

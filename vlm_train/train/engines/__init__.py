@@ -91,7 +91,7 @@ def build_engine(
     if name == "fsdp2":
         from vlm_train.train.engines.fsdp2 import FSDP2Engine
 
-        return FSDP2Engine(cfg, train, model, device, bf16)
+        return FSDP2Engine(cfg, train, model, device, dist, bf16)
     from vlm_train.train.engines.deepspeed_zero import DeepSpeedEngine  # imports deepspeed: only when asked for
 
     return DeepSpeedEngine(cfg, train, model, make_model, device, dist, bf16)

@@ -22,6 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
+from vlm_train.data.state import stable_seed
 from vlm_train.jsonio import dumps
 from vlm_train.model.attachments import attached
 from vlm_train.model.norm import RMSNorm
@@ -29,6 +30,7 @@ from vlm_train.model.row_shards import copy_whole_into, row_range
 from vlm_train.model.vlm import VLM
 from vlm_train.train import distributed as D
 from vlm_train.train.config import EngineConfig, TrainConfig
+from vlm_train.train.distributed import DistInfo
 from vlm_train.train.engines.base import Engine, MakeGroups, make_optimizer
 from vlm_train.train.engines.shards import SHARDS_INDEX, Piece, ShardedTensors, save_pieces
 from vlm_train.train.model_files import MODEL_FILE
@@ -56,10 +58,12 @@ class FSDP2Engine(Engine):
     name = "fsdp2"
     shards_parameters = True
 
-    def __init__(self, cfg: EngineConfig, train: TrainConfig, model: VLM, device: torch.device, bf16: bool):
+    def __init__(
+        self, cfg: EngineConfig, train: TrainConfig, model: VLM, device: torch.device, dist: DistInfo, bf16: bool
+    ):
         super().__init__()
         self.cfg, self.train, self.device, self.bf16 = cfg, train, device, bf16
-        self.rank, self.world_size = D.env_info().rank, D.env_info().world_size
+        self.rank, self.world_size = dist.rank, dist.world_size
         if not torch.distributed.is_initialized():  # one process (torchrun only joins a group for several)
             store = torch.distributed.HashStore()
             torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
@@ -311,10 +315,14 @@ class FSDP2Engine(Engine):
         assert self._optimizer is not None, "start_stage() first"
         saved: ShardedTensors = state
         names = {id(p): n for n, p in self.model.named_parameters()}
+        saved_keys: dict[str, list[str]] = {}  # parameter name -> its saved state keys (exp_avg, step, ...)
+        for entry in saved.names():
+            param_name, _, key = entry.rpartition("/")
+            saved_keys.setdefault(param_name, []).append(key)
         for group in self._optimizer.param_groups:
             for p in group["params"]:
                 prefix = f"{names[id(p)]}/"
-                keys = [k[len(prefix) :] for k in saved.names() if k.startswith(prefix)]
+                keys = saved_keys.get(names[id(p)], [])
                 if not keys:
                     continue
                 slot = {}
@@ -379,8 +387,6 @@ def _size(count: int) -> str:
 
 def _initial_value(module: nn.Module, name: str, shape: tuple[int, ...], std: float, seed: int, full_name: str):
     """One tensor's initial value, as VLM's init_weights draws it, from a generator of (seed, its name)."""
-    from vlm_train.data.state import stable_seed
-
     if isinstance(module, RMSNorm) or (isinstance(module, nn.LayerNorm) and name == "weight"):
         return torch.ones(shape)
     if name == "bias":
